@@ -1,0 +1,240 @@
+"""Typed configuration from plain dicts, with errors that name the field.
+
+Every configuration object of the project (SearchConfig, EvalConfig, SweepConfig) is a dataclass
+built from the same kind of nested dict that a YAML file holds. `from_dict` checks each value
+against the dataclass's type hints and the `min`/`max`/`gt` bounds in the field's metadata, and
+raises `ConfigError` with the dotted path of the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, Union
+
+import yaml
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed. `field` is the dotted path, e.g. `model.channels`."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field or '<config>'}: got {_show(value)}; {allowed}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (list, tuple):
+        return "a list"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Checks `value` against type `tp` and returns it in canonical form (tuples for lists)."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, f"expected {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(path, value, f"expected {_type_name(tp)}")
+        last_error: ConfigError | None = None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path)
+            except ConfigError as err:
+                last_error = err
+        # A nested error (deeper path) explains more than "expected A or B".
+        if last_error is not None and last_error.field != path:
+            raise last_error
+        raise ConfigError(path, value, f"expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, value, "expected a mapping of its fields")
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise ConfigError(path, value, "expected a list")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        return tuple(_convert(item_tp, item, f"{path}[{i}]") for i, item in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, value, "expected a mapping")
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_convert(key_tp, k, path): _convert(value_tp, v, _join(path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, "expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, value, "expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, value, "expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, value, "expected a string")
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def _check_bounds(field: dataclasses.Field, value: Any, path: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    meta = field.metadata
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(path, value, f"must be >= {meta['min']}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(path, value, f"must be > {meta['gt']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(path, value, f"must be <= {meta['max']}")
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
+    """Builds dataclass `cls` from a nested mapping; unknown keys and bad values raise ConfigError.
+
+    After construction, a `validate(path)` method on the dataclass, if any, checks relations
+    between fields.
+    """
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(_join(path, str(key)), data[key], f"unknown key; {hint}allowed: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        field_path = _join(path, name)
+        converted = _convert(hints[name], value, field_path)
+        _check_bounds(fields[name], converted, field_path)
+        kwargs[name] = converted
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(path)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (or nested structure) as plain dicts and lists, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`; nested mappings merge, everything else is replaced."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=VALUE` as (["a", "b"], value), with VALUE read as YAML (`3 of 14` stays a string)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("--set", text, "expected KEY=VALUE with a dotted key, e.g. model.channels=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _NUMBER.match(value):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    return key.split("."), value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Applies `--set key=value` strings (dotted keys mirror the YAML) to a nested dict."""
+    result = copy.deepcopy(dict(data))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(".".join(keys[: depth + 1]), child, "is not a mapping; cannot set a key inside it")
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Reads a YAML mapping; an empty file is an empty mapping."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError("config", path, "file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError("config", path, f"is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", path, "expected a YAML mapping at the top level")
+    return data

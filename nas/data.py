@@ -1,0 +1,294 @@
+"""Data: CIFAR-10 (torchvision, or `train.npz`/`test.npz` arrays), a generated stand-in, ImageNet
+through ImageFolder, the search split, and augmentation on batches of tensors.
+
+Images are held as one uint8 tensor (N, 3, H, W) per split, on the device that trains, and batches
+are cropped, flipped and normalised as tensors: no per-image PIL transforms, no loader workers.
+Batch order and augmentation come from a generator seeded by (seed, epoch, stream), so an epoch
+is the same whether or not the search was stopped before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR_TRAIN_SIZE = 50_000
+DATA_ROOT_ENV = "NAS_DATA_ROOT"
+
+
+class DataNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["cifar10", "synthetic"] = "cifar10"
+    root: str | None = None
+    download: bool = True
+    # Images of the 50k training set used by the search (both halves); null: all of them.
+    subset: int | None = field(default=None, metadata={"min": 2})
+    train_portion: float = field(default=0.5, metadata={"gt": 0.0, "max": 1.0})
+    # Where supernet and discretized accuracy are measured: the valid half that trains the
+    # architecture (the DARTS protocol), training images outside the search subset, or the test set.
+    eval_split: Literal["valid", "holdout", "test"] = "valid"
+    eval_subset: int | None = field(default=None, metadata={"min": 1})
+    # 16 averages 2x2 pixels: a cheaper search for CPU-scale studies (SCIENCE.md section 9).
+    resolution: Literal[32, 16, 8] = 32
+    split_seed: int = 0
+
+    def validate(self, path: str) -> None:
+        prefix = f"{path}." if path else ""
+        if self.subset is not None and self.subset > CIFAR_TRAIN_SIZE:
+            raise ConfigError(prefix + "subset", self.subset, f"must be at most {CIFAR_TRAIN_SIZE}")
+        if self.train_portion >= 1.0:
+            raise ConfigError(
+                prefix + "train_portion", self.train_portion, "must be below 1: the architecture needs a valid half"
+            )
+        if self.eval_split == "holdout":
+            used = self.subset or CIFAR_TRAIN_SIZE
+            if used >= CIFAR_TRAIN_SIZE:
+                raise ConfigError(
+                    prefix + "eval_split",
+                    "holdout",
+                    "needs data.subset below 50000 so that training images remain for it",
+                )
+            if self.eval_subset is not None and used + self.eval_subset > CIFAR_TRAIN_SIZE:
+                raise ConfigError(
+                    prefix + "eval_subset", self.eval_subset, f"subset + eval_subset must be at most {CIFAR_TRAIN_SIZE}"
+                )
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, 3, H, W) and labels as int64 (N,), on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device))
+
+    def take(self, index: torch.Tensor) -> ImageSet:
+        index = index.to(self.images.device)
+        return ImageSet(self.images[index], self.labels[index])
+
+
+@dataclass
+class SearchData:
+    """The three sets of a search: `train` trains the weights, `valid` the architecture, `eval`
+    measures supernet and discretized accuracy."""
+
+    train: ImageSet
+    valid: ImageSet
+    eval: ImageSet
+    num_classes: int = 10
+    resolution: int = 32
+
+    def to(self, device: torch.device | str) -> SearchData:
+        return SearchData(
+            self.train.to(device), self.valid.to(device), self.eval.to(device), self.num_classes, self.resolution
+        )
+
+    def describe(self) -> str:
+        return f"{len(self.train)} train / {len(self.valid)} valid / {len(self.eval)} eval images at {self.resolution}x{self.resolution}"
+
+
+def resolve_root(root: str | None) -> str:
+    """`root` if given, else $NAS_DATA_ROOT, else ./data."""
+    return root or os.environ.get(DATA_ROOT_ENV) or "data"
+
+
+def _from_npz(root: Path) -> tuple[ImageSet, ImageSet]:
+    with np.load(root / "train.npz") as train, np.load(root / "test.npz") as test:
+        sets = (
+            (train["x_train"], train["y_train"]),
+            (test["x_test"], test["y_test"]),
+        )
+        return tuple(_image_set(x, y) for x, y in sets)  # type: ignore[return-value]
+
+
+def _image_set(images_hwc: np.ndarray, labels: np.ndarray) -> ImageSet:
+    images = torch.from_numpy(np.ascontiguousarray(images_hwc)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+def load_cifar10(root: str | None = None, download: bool = True) -> tuple[ImageSet, ImageSet]:
+    """CIFAR-10 train and test sets from `root`: `train.npz`/`test.npz` arrays if present, else
+    torchvision's copy (downloaded there when `download` is true)."""
+    path = Path(resolve_root(root)).expanduser()
+    if (path / "train.npz").is_file() and (path / "test.npz").is_file():
+        return _from_npz(path)
+    import torchvision
+
+    try:
+        train = torchvision.datasets.CIFAR10(str(path), train=True, download=download)
+        test = torchvision.datasets.CIFAR10(str(path), train=False, download=download)
+    except Exception as err:  # torchvision raises RuntimeError when absent, URLError when offline
+        reason = "downloading failed" if download else "download is off (data.download: false)"
+        raise DataNotFoundError(
+            f"no CIFAR-10 at {path} ({reason}: {err}). Either point --data-root, data.root or "
+            f"${DATA_ROOT_ENV} at a directory holding train.npz and test.npz (uint8 x_train/y_train, "
+            "x_test/y_test), or let torchvision download CIFAR-10 there (data.download: true, needs internet)."
+        ) from None
+    return _image_set(train.data, train.targets), _image_set(test.data, test.targets)
+
+
+def imagenet_folder(root: str, split: Literal["train", "val"], transform=None):
+    """An ImageNet split through torchvision's ImageFolder at ROOT/train or ROOT/val (one folder per
+    class, as the official tarballs unpack after the usual `val` reorganisation)."""
+    import torchvision
+
+    path = Path(root).expanduser() / split
+    if not path.is_dir():
+        raise DataNotFoundError(
+            f"no ImageNet {split} split at {path}: expected {path}/<class>/<image>.JPEG. Point the ImageNet root "
+            "(--data-root or data.root) at the directory holding train/ and val/."
+        )
+    return torchvision.datasets.ImageFolder(str(path), transform=transform)
+
+
+def synthetic_cifar(n_train: int = CIFAR_TRAIN_SIZE, n_test: int = 10_000, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """A generated stand-in for CIFAR-10: each class is a smooth random colour pattern, each image
+    that pattern at a random shift, contrast and noise. Learnable in a few hundred steps; for tests
+    and demos on machines without the data set."""
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.randn(10, 3, 6, 6, generator=g), size=40, mode="bicubic", align_corners=False)
+
+    def make(n: int) -> ImageSet:
+        labels = torch.arange(n) % 10
+        labels = labels[torch.randperm(n, generator=g)]
+        dx, dy = torch.randint(0, 9, (2, n), generator=g)
+        rows = (dy[:, None] + torch.arange(32))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(32))[:, None, None, :]
+        patterns = templates[labels][
+            torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols
+        ]
+        contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
+        noise = torch.randn(n, 3, 32, 32, generator=g)
+        images = 128 + 45 * contrast * patterns + 40 * noise
+        return ImageSet(images.round().clamp(0, 255).to(torch.uint8), labels)
+
+    return make(n_train), make(n_test)
+
+
+def downsample(images: ImageSet, resolution: int) -> ImageSet:
+    size = images.images.shape[-1]
+    if resolution == size:
+        return images
+    factor = size // resolution
+    pooled = F.avg_pool2d(images.images.float(), factor).round().to(torch.uint8)
+    return ImageSet(pooled, images.labels)
+
+
+def make_search_data(config: DataConfig) -> SearchData:
+    """The search split (SCIENCE.md 2.2) of `config`: a seeded permutation of the training set,
+    its first `subset` images split `train_portion` / rest into train and valid halves."""
+    if config.dataset == "synthetic":
+        # Generate only the training images the split can reach (the permutation covers all 50k).
+        used = config.subset or CIFAR_TRAIN_SIZE
+        needed = used + (config.eval_subset or CIFAR_TRAIN_SIZE - used) if config.eval_split == "holdout" else used
+        n_test = (config.eval_subset or 10_000) if config.eval_split == "test" else 0
+        full_train, test = synthetic_cifar(needed, n_test, seed=config.split_seed)
+    else:
+        full_train, test = load_cifar10(config.root, config.download)
+    order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(config.split_seed))
+    used = config.subset or len(full_train)
+    n_train = math.floor(config.train_portion * used)
+    train, valid = full_train.take(order[:n_train]), full_train.take(order[n_train:used])
+    if config.eval_split == "valid":
+        eval_set = valid
+        if config.eval_subset is not None:
+            eval_set = valid.take(torch.arange(min(config.eval_subset, len(valid))))
+    elif config.eval_split == "holdout":
+        stop = used + config.eval_subset if config.eval_subset else len(full_train)
+        eval_set = full_train.take(order[used:stop])
+    else:
+        eval_set = test
+        if config.eval_subset is not None:
+            pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(config.split_seed))
+            eval_set = test.take(pick[: config.eval_subset])
+    sets = [downsample(s, config.resolution) for s in (train, valid, eval_set)]
+    return SearchData(*sets, num_classes=10, resolution=config.resolution)
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    mean = torch.tensor(CIFAR_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    return (images.to(dtype) / 255.0 - mean) / std
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int) -> torch.Tensor:
+    """RandomCrop(size, padding) with zero fill and a random horizontal flip, for a whole batch of
+    uint8 images at once."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    offsets, flips = offsets.to(images.device), flips.to(images.device)
+    rows = (offsets[0, :, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = offsets[1, :, None] + torch.arange(w, device=images.device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def cutout(images: torch.Tensor, generator: torch.Generator, length: int) -> torch.Tensor:
+    """Zeroes one length x length square per (normalised) image, clipped at the borders."""
+    n, _, h, w = images.shape
+    centre = torch.stack(
+        [torch.randint(0, h, (n,), generator=generator), torch.randint(0, w, (n,), generator=generator)]
+    )
+    centre = centre.to(images.device)
+    ys = torch.arange(h, device=images.device)[None, :, None]
+    xs = torch.arange(w, device=images.device)[None, None, :]
+    inside = ((ys - centre[0, :, None, None]).abs() * 2 < length) & ((xs - centre[1, :, None, None]).abs() * 2 < length)
+    return images * (~inside)[:, None].to(images.dtype)
+
+
+def stream_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A generator for one (seed, epoch, stream): the same batches however the run was resumed."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 1_009 + int(stream))
+
+
+def batches(
+    data: ImageSet,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: bool,
+    shuffle: bool = True,
+    cycle: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised (images, labels) batches in a random order; with `cycle` it starts a new
+    permutation when one pass ends (for the architecture stream, which follows the weight stream's
+    step count)."""
+    padding = data.images.shape[-1] // 8
+    while True:
+        order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
+        order = order.to(data.images.device)
+        for start in range(0, len(data), batch_size):
+            index = order[start : start + batch_size]
+            images = data.images[index]
+            if augment:
+                images = random_crop_flip(images, generator, padding)
+            yield normalize(images), data.labels[index]
+        if not cycle:
+            return

@@ -1,0 +1,141 @@
+"""Candidate operations and their registry (SCIENCE.md section 1.1).
+
+Every op is built as `OPS[name](C, stride, affine)` and maps C channels to C channels; with
+stride 2 it halves the spatial size. The search space, the supernet, the discretized network and
+the evaluation networks all build their ops from this one registry, so a new op is one entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+OpFactory = Callable[[int, int, bool], nn.Module]
+
+# Column order of alpha: the DARTS PRIMITIVES list, and the DA2S list without `none`.
+DARTS_OPS = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+DA2S_OPS = DARTS_OPS[1:]
+OP_LISTS = {"darts": DARTS_OPS, "da2s": DA2S_OPS}
+
+
+class Zero(nn.Module):
+    """The `none` op: zeros of the output shape (a strided input is subsampled first)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class Identity(nn.Module):
+    """`skip_connect` at stride 1. Drop path exempts it (SCIENCE.md 4.1), hence its own class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU, depthwise (dilated) k x k conv, 1x1 conv, BN."""
+
+    def __init__(self, c_in, c_out, kernel, stride, padding, dilation, affine):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Two DilConv blocks with dilation 1; only the first is strided."""
+
+    def __init__(self, c_in, c_out, kernel, stride, padding, affine):
+        super().__init__(
+            DilConv(c_in, c_in, kernel, stride, padding, 1, affine),
+            DilConv(c_in, c_out, kernel, 1, padding, 1, affine),
+        )
+
+
+class FactorizedReduce(nn.Module):
+    """Halves the spatial size with two 1x1 stride-2 convs, the second shifted by one pixel."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool):
+        super().__init__()
+        if c_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        # Padding the shifted copy back to full size makes odd sizes work; for even sizes the
+        # padded row and column are never sampled by the stride-2 conv.
+        shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+class Conv7x1x1x7(nn.Sequential):
+    def __init__(self, c: int, stride: int, affine: bool):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c, c, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+            nn.Conv2d(c, c, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+            nn.BatchNorm2d(c, affine=affine),
+        )
+
+
+def _skip(c: int, stride: int, affine: bool) -> nn.Module:
+    return Identity() if stride == 1 else FactorizedReduce(c, c, affine)
+
+
+OPS: dict[str, OpFactory] = {
+    "none": lambda c, stride, affine: Zero(stride),
+    "max_pool_3x3": lambda c, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "avg_pool_3x3": lambda c, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    "skip_connect": _skip,
+    "sep_conv_3x3": lambda c, stride, affine: SepConv(c, c, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda c, stride, affine: SepConv(c, c, 5, stride, 2, affine),
+    "sep_conv_7x7": lambda c, stride, affine: SepConv(c, c, 7, stride, 3, affine),
+    "dil_conv_3x3": lambda c, stride, affine: DilConv(c, c, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda c, stride, affine: DilConv(c, c, 5, stride, 4, 2, affine),
+    "conv_7x1_1x7": lambda c, stride, affine: Conv7x1x1x7(c, stride, affine),
+}
+
+
+def is_pooling(name: str) -> bool:
+    return "pool" in name
+
+
+def build_op(name: str, channels: int, stride: int, affine: bool, search: bool = False) -> nn.Module:
+    """The op `name`. In the search network (`search=True`) pooling gets a BN(affine=False) after
+    it, as in the DARTS supernet, so that its output scale matches the parametric ops'."""
+    op = OPS[name](channels, stride, affine)
+    if search and is_pooling(name):
+        op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
+    return op

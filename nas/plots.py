@@ -1,0 +1,214 @@
+"""Figures: a drawing of each discrete cell, and the evolution of softmax(alpha) and of the edge
+weights over the search epochs (the DA2S paper's Figures 10-11). Matplotlib only, Agg backend."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .genotype import CellGenotype, Genotype
+
+OP_COLOURS = {
+    "none": "#bbbbbb",
+    "max_pool_3x3": "#1f77b4",
+    "avg_pool_3x3": "#17becf",
+    "skip_connect": "#d62728",
+    "sep_conv_3x3": "#2ca02c",
+    "sep_conv_5x5": "#98df8a",
+    "sep_conv_7x7": "#bcbd22",
+    "dil_conv_3x3": "#9467bd",
+    "dil_conv_5x5": "#c5b0d5",
+    "conv_7x1_1x7": "#8c564b",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
+    """Draws `cell` as a DAG: the two inputs on the left, intermediate nodes in the middle, the
+    concatenated output on the right, each edge labelled with its op."""
+    plt = _pyplot()
+    from matplotlib.patches import FancyArrowPatch
+
+    n = len(cell.nodes)
+    positions = {0: (0.0, 1.2), 1: (0.0, -1.2)}
+    for j in range(n):
+        positions[j + 2] = (1.8 + 1.8 * j, 0.9 if j % 2 == 0 else -0.9)
+    out_pos = (1.8 + 1.8 * n, 0.0)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * n, 3.6))
+    labels = {0: "c_{k-2}", 1: "c_{k-1}", **{j + 2: str(j) for j in range(n)}}
+    for node, source, op in cell.edges():
+        start, end = positions[source], positions[node]
+        rad = 0.25 if (node - source) % 2 else -0.25
+        ax.add_patch(
+            FancyArrowPatch(
+                start,
+                end,
+                connectionstyle=f"arc3,rad={rad}",
+                arrowstyle="-|>",
+                mutation_scale=12,
+                color=OP_COLOURS.get(op, "black"),
+                lw=1.6,
+                shrinkA=14,
+                shrinkB=14,
+            )
+        )
+        # A point of matplotlib's arc3 curve, a quadratic Bezier with its control point at the
+        # chord's midpoint + rad * (dy, -dx); labels near the target, where fewer edges crowd.
+        dx, dy = end[0] - start[0], end[1] - start[1]
+        cx, cy = (start[0] + end[0]) / 2 + rad * dy, (start[1] + end[1]) / 2 - rad * dx
+        t = 0.65
+        mx = (1 - t) ** 2 * start[0] + 2 * (1 - t) * t * cx + t**2 * end[0]
+        my = (1 - t) ** 2 * start[1] + 2 * (1 - t) * t * cy + t**2 * end[1]
+        ax.text(
+            mx,
+            my,
+            op,
+            fontsize=7,
+            ha="center",
+            va="center",
+            color=OP_COLOURS.get(op, "black"),
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+        )
+    for c in cell.concat:
+        ax.add_patch(
+            FancyArrowPatch(
+                positions[c],
+                out_pos,
+                arrowstyle="-|>",
+                mutation_scale=10,
+                color="#999999",
+                lw=0.8,
+                linestyle="--",
+                shrinkA=14,
+                shrinkB=16,
+            )
+        )
+    for index, (x, y) in positions.items():
+        empty = index >= 2 and not cell.nodes[index - 2]
+        colour = "#a6cee3" if index < 2 else ("#eeeeee" if empty else "#fdbf6f")
+        ax.text(
+            x,
+            y,
+            labels[index],
+            ha="center",
+            va="center",
+            fontsize=9,
+            bbox={"boxstyle": "round,pad=0.4", "fc": colour, "ec": "#555555"},
+        )
+    ax.text(
+        *out_pos,
+        "c_{k}",
+        ha="center",
+        va="center",
+        fontsize=9,
+        bbox={"boxstyle": "round,pad=0.4", "fc": "#b2df8a", "ec": "#555555"},
+    )
+    ax.set_xlim(-0.8, out_pos[0] + 0.8)
+    ax.set_ylim(-2.0, 2.0)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def draw_genotype(genotype: Genotype, directory: str | Path, prefix: str = "cell_") -> list[Path]:
+    """One PNG per level, named `{prefix}{level}.png`."""
+    directory = Path(directory)
+    return [
+        draw_cell(cell, directory / f"{prefix}{name}.png", f"{name} cell" + (" (reduction)" if cell.reduction else ""))
+        for name, cell in genotype.levels.items()
+    ]
+
+
+def _integer_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _edge_labels(nodes: int) -> list[str]:
+    return [f"{i}->{j + 2}" for j in range(nodes) for i in range(j + 2)]
+
+
+def plot_alpha_evolution(
+    history: Sequence[Mapping[str, Any]], ops: Sequence[str], level: str, nodes: int, path: str | Path, title: str = ""
+) -> Path:
+    """softmax(alpha) of every op on every edge of `level` against the epoch: one panel per edge."""
+    plt = _pyplot()
+    epochs = [record["epoch"] for record in history]
+    series = [record["softmax_alpha"][level] for record in history]  # epoch x edge x op
+    labels = _edge_labels(nodes)
+    cols = min(nodes + 1, 5)
+    rows = math.ceil(len(labels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.2 * rows), sharex=True, sharey=True, squeeze=False)
+    for e, label in enumerate(labels):
+        ax = axes[e // cols][e % cols]
+        for o, op in enumerate(ops):
+            ax.plot(epochs, [s[e][o] for s in series], color=OP_COLOURS.get(op), lw=1.3, label=op)
+        ax.set_title(f"edge {label}", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+    for e in range(len(labels), rows * cols):
+        axes[e // cols][e % cols].axis("off")
+    _integer_epochs(axes[0][0])
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        names,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.955),
+        ncol=min(len(ops), 8),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle(title or f"softmax(alpha) per edge, {level} cells", fontsize=10)
+    fig.supxlabel("epoch", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_edge_weights(
+    history: Sequence[Mapping[str, Any]], level: str, nodes: int, path: str | Path, title: str = ""
+) -> Path:
+    """The trained edge weight of every edge of `level` against the epoch (methods with beta)."""
+    plt = _pyplot()
+    epochs = [record["epoch"] for record in history]
+    series = [record["edge_weights"][level] for record in history]
+    labels = _edge_labels(nodes)
+    fig, axes = plt.subplots(1, nodes, figsize=(3.0 * nodes, 2.6), sharey=True, squeeze=False)
+    for j in range(nodes):
+        ax = axes[0][j]
+        start = j * (j + 3) // 2
+        for e in range(start, start + j + 2):
+            ax.plot(epochs, [s[e] for s in series], lw=1.3, label=labels[e])
+        ax.set_title(f"node {j + 2}", fontsize=9)
+        _integer_epochs(ax)
+        ax.legend(fontsize=7, frameon=False)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title or f"edge weights, {level} cells", fontsize=10)
+    fig.supxlabel("epoch", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

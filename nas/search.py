@@ -1,0 +1,690 @@
+"""SearchConfig and run_search: one full supernet search, from data to discretized accuracy.
+
+    config = SearchConfig.resolve(preset="da2s", overrides=["epochs=10", "target=3 of 14"])
+    result = run_search(config, out_dir="runs/da2s")
+
+Per epoch (SCIENCE.md 2.3): for each training batch, an architecture step on a validation batch,
+then a weight step (SGD, gradient norm clipped) on the training batch; then the supernet accuracy
+on the evaluation set and the diagnostics of DECISIONS 7. Callbacks receive each epoch's record;
+with an output directory every epoch also writes a checkpoint, and running again on the directory
+resumes from it. At the end: the genotype for the target and the discretized accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from . import config as cfg
+from .architect import Architect
+from .config import ConfigError
+from .data import DataConfig, SearchData, batches, make_search_data, stream_generator
+from .discretize import BoundSupernet, accuracy, discretization_metrics
+from .genotype import Genotype, derive_genotype
+from .losses import LossConfig, entropy, warmup_epoch
+from .ops import OP_LISTS
+from .presets import PRESETS
+from .space import SearchSpace, Target
+from .supernet import Architecture, Supernet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+# Architecture steps of the reference search: 50 epochs of ceil(25000 / 64) batches.
+REFERENCE_ARCH_STEPS = 50 * math.ceil(25_000 / 64)
+# Fields that do not change what a search computes; a resumed search may differ in them.
+_RESUME_FREE = {"device", "data.root", "data.download"}
+
+
+class SearchDiverged(RuntimeError):
+    """A loss or an architecture parameter became NaN or infinite."""
+
+
+@dataclass
+class ModelConfig:
+    channels: int = field(default=16, metadata={"min": 2})
+    cells: int = field(default=8, metadata={"min": 1})
+    nodes: int = field(default=4, metadata={"min": 1})
+    stem_multiplier: int = field(default=3, metadata={"min": 1})
+
+
+@dataclass
+class AlphaConfig:
+    init_std: float = field(default=1e-3, metadata={"min": 0.0})
+    # DA2S's f(alpha): doubles the logits, and cubes them below -0.5.
+    sharpen: bool = False
+    lr: float = field(default=3e-4, metadata={"min": 0.0})
+    # Alpha's learning rate is 0 before epoch round(warmup * epochs) (DA2S: epoch 8 of 50).
+    warmup: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class BetaConfig:
+    init_noise: float = field(default=1e-4, metadata={"min": 0.0})
+    clip: float | None = 1.0
+    lr: float = field(default=3e-4, metadata={"min": 0.0})
+    # Reproduces the released DA2S code, which feeds beta_reduce to normal cells and vice versa.
+    swap_bug: bool = False
+
+
+@dataclass
+class ArchOptimConfig:
+    betas: tuple[float, ...] = (0.5, 0.999)
+    weight_decay: float = field(default=1e-3, metadata={"min": 0.0})
+    # Multiplies the alpha and beta learning rates; `auto` = reference steps / this run's steps
+    # (SCIENCE.md DECISIONS 8): a short search needs larger steps for alpha and beta to move.
+    lr_scale: float | Literal["auto"] = 1.0
+
+    def validate(self, path: str) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{path}.betas", list(self.betas), "expected two numbers in [0, 1)")
+        if self.lr_scale != "auto" and self.lr_scale <= 0:
+            raise ConfigError(f"{path}.lr_scale", self.lr_scale, "must be > 0 or 'auto'")
+
+
+@dataclass
+class WeightOptimConfig:
+    lr: float = field(default=0.025, metadata={"gt": 0.0})
+    lr_min: float = field(default=0.001, metadata={"min": 0.0})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    weight_decay: float = field(default=3e-4, metadata={"min": 0.0})
+    grad_clip: float | None = field(default=5.0, metadata={"gt": 0.0})
+
+
+@dataclass
+class DiscretizeConfig:
+    bn_recal_batches: int = field(default=20, metadata={"min": 1})
+
+
+@dataclass
+class SearchConfig:
+    """Everything one search depends on. Defaults are the DARTS search settings."""
+
+    preset: Literal["darts", "da2s", "multilevel"] | None = None
+    seed: int = 2
+    epochs: int = field(default=50, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 2})
+    order: Literal["first", "second"] = "first"
+    ops: str | tuple[str, ...] = "darts"
+    alpha_sharing: Literal["global", "stage", "cell"] = "global"
+    edge_params: bool = False
+    target: Any = (2, 2, 2, 2)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    alpha: AlphaConfig = field(default_factory=AlphaConfig)
+    beta: BetaConfig = field(default_factory=BetaConfig)
+    arch_optim: ArchOptimConfig = field(default_factory=ArchOptimConfig)
+    weights: WeightOptimConfig = field(default_factory=WeightOptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    discretize: DiscretizeConfig = field(default_factory=DiscretizeConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SearchConfig:
+        return cfg.from_dict(cls, data)
+
+    @classmethod
+    def resolve(
+        cls,
+        preset: str | None = None,
+        file: str | os.PathLike | Mapping[str, Any] | None = None,
+        overrides: Iterable[str] = (),
+        data_root: str | None = None,
+    ) -> SearchConfig:
+        """Preset defaults, then the YAML file (a path or a mapping), then `--set` overrides; the
+        preset comes from the argument, else the file's `preset:`. `data_root` wins over data.root."""
+        raw = cfg.load_yaml(str(file)) if isinstance(file, (str, os.PathLike)) else dict(file or {})
+        raw = cfg.apply_overrides(raw, overrides)
+        preset = preset or raw.get("preset")
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError("preset", preset, f"expected one of {', '.join(PRESETS)}")
+        merged = cfg.deep_merge(PRESETS.get(preset, {}), raw)
+        if preset is not None:
+            merged["preset"] = preset
+        if data_root:
+            merged.setdefault("data", {})["root"] = data_root
+        return cls.from_dict(merged)
+
+    def validate(self, path: str = "") -> None:
+        if isinstance(self.ops, str) and self.ops not in OP_LISTS:
+            raise ConfigError("ops", self.ops, f"expected one of {', '.join(OP_LISTS)} or a list of op names")
+        if self.model.channels % 2:
+            raise ConfigError("model.channels", self.model.channels, "must be even (factorized reductions halve it)")
+        space = self.space()
+        target = Target.parse(self.target, space)
+        self.target = target.to_spec()
+        if not self.edge_params:
+            for name in ("edge_entropy", "edge_count"):
+                if getattr(self.loss, name).weight > 0:
+                    raise ConfigError(
+                        f"loss.{name}.weight",
+                        getattr(self.loss, name).weight,
+                        "needs edge_params: true (beta); set it to 0",
+                    )
+        if self.beta.swap_bug:
+            if self.alpha_sharing != "global" or not self.edge_params:
+                raise ConfigError("beta.swap_bug", True, "exists only with alpha_sharing: global and edge_params: true")
+            if target.cells[0] != target.cells[1]:
+                raise ConfigError("beta.swap_bug", True, "needs the same target for normal and reduction cells")
+
+    # ----------------------------------------------------------------- derived objects
+    def op_names(self) -> tuple[str, ...]:
+        return OP_LISTS[self.ops] if isinstance(self.ops, str) else tuple(self.ops)
+
+    def space(self) -> SearchSpace:
+        return SearchSpace(self.op_names(), self.model.nodes, self.model.cells, self.alpha_sharing)
+
+    def resolved_target(self, space: SearchSpace | None = None) -> Target:
+        return Target.parse(self.target, space or self.space())
+
+    def to_dict(self) -> dict[str, Any]:
+        return cfg.to_dict(self)
+
+    def method(self) -> str:
+        """A short name of the method for tables: the preset, else a description of the fields."""
+        if self.preset:
+            return self.preset
+        return ("beta" if self.edge_params else "alpha") + f"-{self.alpha_sharing}"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
+    """The weight learning rate of 1-based `epoch`: the reference steps its cosine schedule at the
+    start of every epoch, so epoch 1 already uses the value after one step and the last lr_min."""
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def arch_lr_scale(config: SearchConfig, steps_per_epoch: int) -> float:
+    if config.arch_optim.lr_scale == "auto":
+        return REFERENCE_ARCH_STEPS / (config.epochs * steps_per_epoch)
+    return float(config.arch_optim.lr_scale)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "no CUDA device is visible here; use cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class EpochEvent:
+    """What a callback receives after every epoch. `metrics` are flat scalars for trackers."""
+
+    epoch: int
+    epochs: int
+    record: dict[str, Any]
+    metrics: dict[str, float]
+    checkpoint_path: Path | None
+
+
+@dataclass
+class SearchResult:
+    config: SearchConfig
+    history: list[dict[str, Any]]
+    genotype: Genotype
+    metrics: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], out_dir: Path | None = None) -> SearchResult:
+        return cls(
+            SearchConfig.from_dict(data["config"]),
+            list(data["history"]),
+            Genotype.from_dict(data["genotype"]),
+            dict(data["metrics"]),
+            dict(data.get("info", {})),
+            out_dir,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "target": self.genotype.meta.get("target"),
+            "genotype": self.genotype.to_dict(),
+            "metrics": self.metrics,
+            "info": self.info,
+            "history": self.history,
+        }
+
+
+@dataclass
+class _Search:
+    """The objects of one search, built from a config (and restored from a checkpoint)."""
+
+    config: SearchConfig
+    space: SearchSpace
+    target: Target
+    supernet: Supernet
+    arch: Architecture
+    weight_optimizer: torch.optim.SGD
+    arch_optimizer: torch.optim.Adam
+    architect: Architect
+    alpha_lr: float
+    beta_lr: float
+    lr_scale: float
+
+    @classmethod
+    def build(cls, config: SearchConfig, steps_per_epoch: int, num_classes: int, device: torch.device) -> _Search:
+        torch.manual_seed(config.seed)
+        space = config.space()
+        target = config.resolved_target(space)
+        supernet = Supernet(space, config.model.channels, num_classes, config.model.stem_multiplier).to(device)
+        arch = Architecture(
+            space,
+            target,
+            edge_params=config.edge_params,
+            alpha_init_std=config.alpha.init_std,
+            sharpen_alpha=config.alpha.sharpen,
+            beta_clip=config.beta.clip,
+            beta_init_noise=config.beta.init_noise,
+            beta_swap_bug=config.beta.swap_bug,
+            generator=torch.Generator().manual_seed(config.seed),
+        ).to(device)
+        w = config.weights
+        weight_optimizer = torch.optim.SGD(
+            supernet.parameters(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay
+        )
+        scale = arch_lr_scale(config, steps_per_epoch)
+        alpha_lr, beta_lr = config.alpha.lr * scale, config.beta.lr * scale
+        groups = [{"params": arch.alpha_parameters(), "lr": alpha_lr}]
+        if arch.beta_parameters():
+            groups.append({"params": arch.beta_parameters(), "lr": beta_lr})
+        # One Adam, alpha and beta as groups (the DA2S code), so alpha's lr can be 0 during
+        # warm-up while Adam's moments still see its gradients.
+        arch_optimizer = torch.optim.Adam(
+            groups, betas=tuple(config.arch_optim.betas), weight_decay=config.arch_optim.weight_decay
+        )
+        architect = Architect(supernet, arch, arch_optimizer, config.order, w.momentum, w.weight_decay)
+        return cls(
+            config, space, target, supernet, arch, weight_optimizer, arch_optimizer, architect, alpha_lr, beta_lr, scale
+        )
+
+    def state(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": epoch,
+            "config": self.config.to_dict(),
+            "supernet": self.supernet.state_dict(),
+            "arch": self.arch.state_dict(),
+            "weight_optimizer": self.weight_optimizer.state_dict(),
+            "arch_optimizer": self.arch_optimizer.state_dict(),
+            "history": history,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.supernet.load_state_dict(state["supernet"])
+        self.arch.load_state_dict(state["arch"])
+        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        self.arch_optimizer.load_state_dict(state["arch_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A search checkpoint, read without executing code (`weights_only=True`)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _save_atomic(state: Mapping[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
+
+
+def _check_resumable(saved: Mapping[str, Any], config: SearchConfig, path: Path) -> None:
+    old = {k: v for k, v in flatten(saved).items() if k not in _RESUME_FREE}
+    new = {k: v for k, v in flatten(config.to_dict()).items() if k not in _RESUME_FREE}
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        key = changed[0]
+        raise ConfigError(
+            key,
+            new.get(key),
+            f"{path} holds a search with {key}={old.get(key)!r}; resume it with the same config or use another output directory",
+        )
+
+
+def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
+    """The stored result of a search that already ran to its end in `out`, if any."""
+    if not (out / RESULT).exists() or not (out / CHECKPOINT).exists():
+        return None
+    stored = json.loads((out / RESULT).read_text())
+    _check_resumable(stored["config"], config, out / RESULT)
+    if len(stored["history"]) != config.epochs:
+        return None
+    log.info("resuming %s: the search is finished; its result is in %s", out, out / RESULT)
+    return SearchResult.from_dict(stored, out)
+
+
+def _diagnostics(search: _Search, genotype: Genotype) -> dict[str, Any]:
+    """Softmax(alpha), beta, edge weights, entropies and skip counts per level (DECISIONS 7)."""
+    arch, space = search.arch, search.space
+    with torch.no_grad():
+        op_weights = arch.op_weights()
+        record: dict[str, Any] = {
+            "softmax_alpha": {name: op_weights[i].cpu().tolist() for i, name in enumerate(space.level_names)},
+            "op_entropy_per_edge": {
+                name: entropy(op_weights[i]).mean().item() for i, name in enumerate(space.level_names)
+            },
+            "max_op_weight": {
+                name: op_weights[i].max(dim=1).values.mean().item() for i, name in enumerate(space.level_names)
+            },
+            "genotype": genotype.to_dict()["levels"],
+            "skip_connect": genotype.skip_counts(),
+        }
+        if arch.betas:
+            record["beta"] = {
+                name: [arch.betas[slot].cpu().tolist() for _, slot in arch.beta_groups(i)]
+                for i, name in enumerate(space.level_names)
+            }
+            record["edge_weights"] = {
+                name: (w.cpu().tolist() if (w := arch.level_edge_weights(i)) is not None else [1.0] * space.num_edges)
+                for i, name in enumerate(space.level_names)
+            }
+    return record
+
+
+def _flat_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    metrics = {
+        key: float(record[key])
+        for key in (
+            "train_acc",
+            "train_loss",
+            "arch_ce",
+            "valid_acc",
+            "valid_loss",
+            "lr",
+            "alpha_lr",
+            "beta_lr",
+            "seconds",
+        )
+    }
+    for name, value in record["loss_terms"].items():
+        metrics[name] = float(value)
+    for name, value in record["loss_weights"].items():
+        metrics[f"weight_{name}"] = float(value)
+    for key in ("skip_connect", "op_entropy_per_edge", "max_op_weight"):
+        for level, value in record[key].items():
+            metrics[f"{key}/{level}"] = float(value)
+    return metrics
+
+
+def _train_epoch(
+    search: _Search, data: SearchData, epoch: int, lr: float, loss_weights, progress: bool
+) -> dict[str, float]:
+    config = search.config
+    supernet, arch = search.supernet, search.arch
+    supernet.train()
+    train_stream = batches(data.train, config.batch_size, stream_generator(config.seed, epoch, 0), augment=True)
+    valid_stream = batches(
+        data.valid, config.batch_size, stream_generator(config.seed, epoch, 1), augment=True, cycle=True
+    )
+    steps = math.ceil(len(data.train) / config.batch_size)
+    device = data.train.images.device
+    loss_sum = torch.zeros((), device=device)
+    arch_ce_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    terms: dict[str, torch.Tensor] = {}
+    bar = _progress(steps, f"epoch {epoch}/{config.epochs}", progress)
+    for step, train_batch in enumerate(train_stream):
+        info = search.architect.step(next(valid_stream), train_batch, loss_weights, lr, search.weight_optimizer)
+        images, labels = train_batch
+        search.weight_optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            weights = arch()
+        logits = supernet(images, weights)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        if config.weights.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(supernet.parameters(), config.weights.grad_clip)
+        search.weight_optimizer.step()
+        n = len(labels)
+        seen += n
+        loss_sum += loss.detach() * n
+        arch_ce_sum += info["arch_ce"] * n
+        correct += (logits.detach().argmax(1) == labels).sum()
+        terms = {k: v for k, v in info.items() if k != "arch_ce"}
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100.0 * correct.item() / seen:.1f}")
+    if bar is not None:
+        bar.close()
+    stats = {
+        "train_loss": (loss_sum / seen).item(),
+        "train_acc": 100.0 * correct.item() / seen,
+        "arch_ce": (arch_ce_sum / seen).item(),
+    }
+    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+    bad += [f"alpha[{i}]" for i, a in enumerate(arch.alphas) if not torch.isfinite(a).all()]
+    bad += [f"beta[{i}]" for i, b in enumerate(arch.betas) if not torch.isfinite(b).all()]
+    if bad:
+        raise SearchDiverged(
+            f"epoch {epoch}: {', '.join(bad)} became NaN or infinite (lr {lr:g}, arch lr scale {search.lr_scale:g})"
+        )
+    stats["loss_terms"] = {k: v.item() for k, v in terms.items()}
+    return stats
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def write_artifacts(
+    out_dir: Path, genotype: Genotype, history: Sequence[Mapping[str, Any]], space: SearchSpace
+) -> None:
+    """genotype.json, one drawing per cell level and the alpha / edge-weight evolution plots."""
+    from .plots import draw_genotype, plot_alpha_evolution, plot_edge_weights
+
+    genotype.save(out_dir / "genotype.json")
+    draw_genotype(genotype, out_dir / "cells")
+    if history:
+        for level in space.level_names:
+            plot_alpha_evolution(history, space.ops, level, space.nodes, out_dir / "plots" / f"alpha_{level}.png")
+            if "edge_weights" in history[-1]:
+                plot_edge_weights(history, level, space.nodes, out_dir / "plots" / f"edge_weights_{level}.png")
+
+
+def run_search(
+    config: SearchConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    data: SearchData | None = None,
+    callbacks: Sequence[Callable[[EpochEvent], None]] = (),
+    progress: bool = False,
+    resume: bool = True,
+    artifacts: bool = True,
+) -> SearchResult:
+    """Runs (or resumes, from `out_dir/checkpoint.pt`) one supernet search and measures its
+    discretization; with `artifacts`, also writes the genotype, cell drawings and alpha / edge
+    weight plots to `out_dir`. Raises SearchDiverged when a loss or alpha/beta stops being finite."""
+    started = time.perf_counter()
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is not None and (finished := _finished_result(out, config)) is not None:
+        return finished
+    device = resolve_device(config.device)
+    data = (data or make_search_data(config.data)).to(device)
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    search = _Search.build(config, steps_per_epoch, data.num_classes, device)
+    history: list[dict[str, Any]] = []
+    start = 1
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = out / CHECKPOINT
+        if resume and checkpoint.exists():
+            state = load_checkpoint(checkpoint, device)
+            _check_resumable(state["config"], config, checkpoint)
+            search.load(state)
+            history = list(state["history"])
+            start = state["epoch"] + 1
+            log.info("resuming %s after epoch %d", out, state["epoch"])
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    log.info(
+        "search: %s, %s, target %s, %d steps/epoch, arch lr scale %.4g",
+        config.method(),
+        data.describe(),
+        search.target.describe(),
+        steps_per_epoch,
+        search.lr_scale,
+    )
+    alpha_start = warmup_epoch(config.alpha.warmup, config.epochs)
+    for epoch in range(start, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        lr = cosine_lr(epoch, config.epochs, config.weights.lr, config.weights.lr_min)
+        for group in search.weight_optimizer.param_groups:
+            group["lr"] = lr
+        alpha_lr = 0.0 if epoch < alpha_start else search.alpha_lr
+        search.arch_optimizer.param_groups[0]["lr"] = alpha_lr
+        loss_weights = config.loss.weights_at(epoch, config.epochs)
+        stats = _train_epoch(search, data, epoch, lr, loss_weights, progress)
+        with torch.no_grad():
+            bound = BoundSupernet(search.supernet, search.arch())
+        valid_acc, valid_loss = accuracy(bound, data.eval)
+        genotype = derive_genotype(search.arch)
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "alpha_lr": alpha_lr,
+            "beta_lr": search.beta_lr if search.arch.betas else 0.0,
+            **stats,
+            "loss_weights": loss_weights,
+            "valid_acc": valid_acc,
+            "valid_loss": valid_loss,
+            **_diagnostics(search, genotype),
+            "seconds": time.perf_counter() - epoch_started,
+        }
+        history.append(record)
+        log.info(
+            "epoch %d/%d  train %.2f%%  valid %.2f%%  arch CE %.3f  skips %s  %.1fs",
+            epoch,
+            config.epochs,
+            record["train_acc"],
+            valid_acc,
+            record["arch_ce"],
+            record["skip_connect"],
+            record["seconds"],
+        )
+        checkpoint_path = None
+        if out is not None:
+            checkpoint_path = out / CHECKPOINT
+            _save_atomic(search.state(epoch, history), checkpoint_path)
+        event = EpochEvent(epoch, config.epochs, record, _flat_metrics(record), checkpoint_path)
+        for callback in callbacks:
+            callback(event)
+
+    genotype = derive_genotype(search.arch)
+    metrics = discretization_metrics(
+        search.supernet,
+        search.arch,
+        genotype,
+        data.eval,
+        data.train,
+        recal_batches=config.discretize.bn_recal_batches,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    info = {
+        "target": search.target.describe(),
+        "method": config.method(),
+        "arch_lr_scale": search.lr_scale,
+        "steps_per_epoch": steps_per_epoch,
+        "data": data.describe(),
+        "device": str(device),
+        "seconds": time.perf_counter() - started,
+    }
+    result = SearchResult(config, history, genotype, metrics, info, out)
+    log.info(
+        "done: supernet %.2f%%, discretized %.2f%% (drop %.2f), after BN recalibration %.2f%%; genotype\n%s",
+        metrics["supernet_acc"],
+        metrics["discretized_acc"],
+        metrics["drop"],
+        metrics["discretized_bn_recal_acc"],
+        genotype.describe(),
+    )
+    if out is not None:
+        (out / RESULT).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        if artifacts:
+            write_artifacts(out, genotype, history, search.space)
+    return result
+
+
+def rederive(
+    out_dir: str | os.PathLike,
+    target: Any,
+    *,
+    data: SearchData | None = None,
+    data_root: str | None = None,
+    device: str | None = None,
+) -> tuple[Genotype, dict[str, float]]:
+    """The genotype of a finished (or checkpointed) search under another target, and its
+    discretized accuracies, written to OUT_DIR/derive/<target>/. With beta, edges are ranked on
+    their trained edge weights, which under a different target compares edges across nodes."""
+    out = Path(out_dir)
+    checkpoint = out / CHECKPOINT
+    if not checkpoint.exists():
+        raise ConfigError("DIR", str(out), f"holds no {CHECKPOINT}; give the output directory of a search")
+    state = load_checkpoint(checkpoint)
+    saved = dict(state["config"])
+    if data_root:
+        saved["data"] = {**saved.get("data", {}), "root": data_root}
+    if device:
+        saved["device"] = device
+    config = SearchConfig.from_dict(saved)
+    dev = resolve_device(config.device)
+    data = (data or make_search_data(config.data)).to(dev)
+    search = _Search.build(config, math.ceil(len(data.train) / config.batch_size), data.num_classes, dev)
+    search.load(state)
+    new_target = Target.parse(target, search.space, "--target")
+    genotype = derive_genotype(search.arch, new_target)
+    metrics = discretization_metrics(
+        search.supernet,
+        search.arch,
+        genotype,
+        data.eval,
+        data.train,
+        recal_batches=config.discretize.bn_recal_batches,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    target_dir = out / "derive" / new_target.slug()
+    target_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "target": new_target.describe(),
+        "epoch": state["epoch"],
+        "genotype": genotype.to_dict(),
+        "metrics": metrics,
+    }
+    (target_dir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    write_artifacts(target_dir, genotype, [], search.space)
+    return genotype, metrics

@@ -1,0 +1,138 @@
+"""Whole searches: what result.json holds, resume equals no-stop, divergence is reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_data_config, tiny_search_config
+
+from nas.search import CHECKPOINT, SearchConfig, SearchDiverged, load_checkpoint, run_search
+
+
+class Stop(Exception):
+    pass
+
+
+def test_short_search_writes_everything_the_issue_names(tmp_path, tiny_data):
+    config = SearchConfig.resolve("da2s", tiny_search_config(target="4 of 14", epochs=3))
+    events = []
+    result = run_search(config, tmp_path, data=tiny_data, callbacks=[events.append])
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["config"]["preset"] == "da2s" and saved["target"] == "4 of 14"
+    assert len(saved["history"]) == 3 and [e.epoch for e in events] == [1, 2, 3]
+    record = saved["history"][-1]
+    for key in (
+        "train_acc",
+        "valid_acc",
+        "train_loss",
+        "valid_loss",
+        "loss_terms",
+        "loss_weights",
+        "softmax_alpha",
+        "beta",
+        "edge_weights",
+        "genotype",
+        "skip_connect",
+        "op_entropy_per_edge",
+    ):
+        assert key in record, key
+    assert len(record["softmax_alpha"]["normal"]) == 14 and len(record["softmax_alpha"]["normal"][0]) == 7
+    assert record["loss_weights"]["edge_entropy"] == pytest.approx(0.4 * 2 / 2)  # linear at epoch 3 of 3
+    metrics = saved["metrics"]
+    for key in (
+        "supernet_acc",
+        "discretized_acc",
+        "drop",
+        "discretized_bn_recal_acc",
+        "drop_bn_recal",
+        "discretized_unit_edges_acc",
+        "drop_unit_edges",
+    ):
+        assert 0.0 <= metrics[key] <= 100.0 or key.startswith("drop"), key
+    assert metrics["drop"] == pytest.approx(metrics["supernet_acc"] - metrics["discretized_acc"])
+    assert sum(len(n) for n in saved["genotype"]["levels"]["normal"]["nodes"]) == 4
+    assert result.metrics == metrics and events[-1].metrics["valid_acc"] == record["valid_acc"]
+    for name in (
+        "genotype.json",
+        "cells/cell_normal.png",
+        "cells/cell_reduce.png",
+        "plots/alpha_normal.png",
+        "plots/edge_weights_reduce.png",
+        CHECKPOINT,
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_supernet_learns_in_a_few_epochs():
+    """A short real search (offline CIFAR-10 where NAS_DATA_ROOT is set): 48 steps on 1024 images."""
+    config = SearchConfig.resolve(
+        "darts",
+        tiny_search_config(
+            epochs=3,
+            batch_size=64,
+            target=[2, 2],
+            model={"channels": 8, "cells": 3, "nodes": 2},
+            data=tiny_data_config(subset=2048, resolution=16, eval_subset=512),
+        ),
+    )
+    result = run_search(config)
+    losses = [record["train_loss"] for record in result.history]
+    assert losses[2] < losses[1] < losses[0]
+    assert result.metrics["supernet_acc"] > 15.0  # chance is 10 %; 3 sigma above it on 512 images
+
+
+@pytest.mark.parametrize("preset", ["da2s", "multilevel"])
+def test_resume_from_any_epoch_equals_no_stop(tmp_path, tiny_data, preset):
+    config = SearchConfig.resolve(preset, tiny_search_config(epochs=3, target=[1, 2, 2, 3], order="first"))
+    straight = run_search(config, tmp_path / "straight", data=tiny_data, artifacts=False)
+
+    def stop_after_first(event):
+        if event.epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_search(config, tmp_path / "resumed", data=tiny_data, callbacks=[stop_after_first], artifacts=False)
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT)["epoch"] == 1
+    resumed = run_search(config, tmp_path / "resumed", data=tiny_data, artifacts=False)
+    a = load_checkpoint(tmp_path / "straight" / CHECKPOINT)["arch"]
+    b = load_checkpoint(tmp_path / "resumed" / CHECKPOINT)["arch"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.genotype == straight.genotype
+    assert resumed.metrics == straight.metrics
+    assert [r["valid_acc"] for r in resumed.history] == [r["valid_acc"] for r in straight.history]
+
+
+def test_second_order_search_runs(tiny_data):
+    config = SearchConfig.resolve("da2s", tiny_search_config(epochs=1, order="second"))
+    result = run_search(config, data=tiny_data)
+    assert result.history[0]["arch_ce"] > 0
+
+
+def test_resume_with_another_config_is_refused(tmp_path, tiny_data):
+    config = SearchConfig.resolve("darts", tiny_search_config(epochs=1))
+    run_search(config, tmp_path, data=tiny_data, artifacts=False)
+    other = SearchConfig.resolve("darts", tiny_search_config(epochs=1, seed=5))
+    with pytest.raises(ValueError, match="seed"):
+        run_search(other, tmp_path, data=tiny_data)
+
+
+def test_divergence_is_reported_with_its_reason(tiny_data):
+    # Adam moves alpha by about its lr per step: 1e30, cubed by the DA2S sharpening, overflows float32.
+    config = SearchConfig.resolve("da2s", tiny_search_config(epochs=1, alpha={"lr": 1e30, "warmup": 0.0}))
+    with pytest.raises(SearchDiverged, match=r"epoch 1: .*NaN or infinite"):
+        run_search(config, data=tiny_data)
+
+
+def test_arch_lr_scale_auto_follows_the_step_ratio(tiny_data):
+    config = SearchConfig.resolve(
+        "da2s", tiny_search_config(epochs=2, arch_optim={"lr_scale": "auto"}, alpha={"warmup": 0.75})
+    )
+    result = run_search(config, data=tiny_data)
+    steps = result.info["steps_per_epoch"]
+    assert result.info["arch_lr_scale"] == pytest.approx(19550 / (2 * steps))
+    assert result.history[1]["beta_lr"] == pytest.approx(3e-4 * 19550 / (2 * steps))
+    assert result.history[0]["alpha_lr"] == 0.0  # alpha frozen before the warm-up epoch 2
+    assert result.history[1]["alpha_lr"] == pytest.approx(1e-4 * 0 + 3e-4 * 19550 / (2 * steps))
