@@ -22,6 +22,9 @@ import yaml
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
 
 
+_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
 class ConfigError(ValueError):
     """A configuration value that is not allowed. `field` is the dotted path, e.g. `model.channels`."""
 
@@ -66,7 +69,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return value
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            spelled = [w for w in _BOOL_WORDS[value] if w in allowed]
+            if spelled:
+                return spelled[0]
+        elif value in allowed:
             return value
         raise ConfigError(path, value, f"expected {_type_name(tp)}")
     if origin in (Union, types.UnionType):

@@ -44,7 +44,15 @@ RESULT = "result.json"
 # Architecture steps of the reference search: 50 epochs of ceil(25000 / 64) batches.
 REFERENCE_ARCH_STEPS = 50 * math.ceil(25_000 / 64)
 # Fields that do not change what a search computes; a resumed search may differ in them.
-_RESUME_FREE = {"device", "data.root", "data.download"}
+_RESUME_FREE = {
+    "device",
+    "data.root",
+    "data.download",
+    "runtime.fused",
+    "runtime.channels_last",
+    "runtime.amp",
+    "runtime.compile",
+}
 
 
 class SearchDiverged(RuntimeError):
@@ -103,6 +111,25 @@ class WeightOptimConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a search computes, not what: every setting gives the same result up to floating-point
+    round-off (tests/test_fused.py), so a search may resume under other ones."""
+
+    # The fused forward (nas/fused.py) instead of the DARTS-style loop over every op of every edge.
+    fused: bool = True
+    channels_last: bool = True
+    # bf16 autocast for the supernet's forward: `auto` uses it on CUDA, not on CPU.
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    # torch.compile the supernet (in place; CUDA mainly: on CPU it needs a C++ compiler and minutes).
+    compile: bool = False
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        if self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+
+@dataclass
 class DiscretizeConfig:
     bn_recal_batches: int = field(default=20, metadata={"min": 1})
 
@@ -128,6 +155,7 @@ class SearchConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     discretize: DiscretizeConfig = field(default_factory=DiscretizeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     # ----------------------------------------------------------------- building
@@ -274,8 +302,9 @@ class SearchResult:
 
 
 @dataclass
-class _Search:
-    """The objects of one search, built from a config (and restored from a checkpoint)."""
+class Search:
+    """The objects of one search, built from a config (and restored from a checkpoint), and its
+    step: an architecture update on a validation batch, then a weight update on a training batch."""
 
     config: SearchConfig
     space: SearchSpace
@@ -290,11 +319,17 @@ class _Search:
     lr_scale: float
 
     @classmethod
-    def build(cls, config: SearchConfig, steps_per_epoch: int, num_classes: int, device: torch.device) -> _Search:
+    def build(cls, config: SearchConfig, steps_per_epoch: int, num_classes: int, device: torch.device) -> Search:
         torch.manual_seed(config.seed)
         space = config.space()
         target = config.resolved_target(space)
         supernet = Supernet(space, config.model.channels, num_classes, config.model.stem_multiplier).to(device)
+        runtime = config.runtime
+        supernet.set_fused(runtime.fused)
+        supernet.set_memory_format(torch.channels_last if runtime.channels_last else torch.contiguous_format)
+        supernet.set_autocast(runtime.autocast_dtype(device))
+        if runtime.compile:
+            supernet.compile()
         arch = Architecture(
             space,
             target,
@@ -337,6 +372,26 @@ class _Search:
             "history": history,
             "torch_rng": torch.get_rng_state(),
         }
+
+    def weight_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on the training batch with alpha and beta fixed; returns (loss, logits)."""
+        images, labels = batch
+        self.weight_optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            weights = self.arch()
+        logits = self.supernet(images, weights)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        if self.config.weights.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.supernet.parameters(), self.config.weights.grad_clip)
+        self.weight_optimizer.step()
+        return loss.detach(), logits.detach()
+
+    def step(self, train_batch, valid_batch, loss_weights: dict[str, float], lr: float):
+        """One search step (SCIENCE.md 2.3): the architecture step, then the weight step."""
+        info = self.architect.step(valid_batch, train_batch, loss_weights, lr, self.weight_optimizer)
+        loss, logits = self.weight_step(train_batch)
+        return loss, logits, info
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.supernet.load_state_dict(state["supernet"])
@@ -382,7 +437,7 @@ def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
     return SearchResult.from_dict(stored, out)
 
 
-def _diagnostics(search: _Search, genotype: Genotype) -> dict[str, Any]:
+def _diagnostics(search: Search, genotype: Genotype) -> dict[str, Any]:
     """Softmax(alpha), beta, edge weights, entropies and skip counts per level (DECISIONS 7)."""
     arch, space = search.arch, search.space
     with torch.no_grad():
@@ -436,11 +491,11 @@ def _flat_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _train_epoch(
-    search: _Search, data: SearchData, epoch: int, lr: float, loss_weights, progress: bool
+    search: Search, data: SearchData, epoch: int, lr: float, loss_weights, progress: bool
 ) -> dict[str, float]:
     config = search.config
-    supernet, arch = search.supernet, search.arch
-    supernet.train()
+    arch = search.arch
+    search.supernet.train()
     train_stream = batches(data.train, config.batch_size, stream_generator(config.seed, epoch, 0), augment=True)
     valid_stream = batches(
         data.valid, config.batch_size, stream_generator(config.seed, epoch, 1), augment=True, cycle=True
@@ -454,22 +509,13 @@ def _train_epoch(
     terms: dict[str, torch.Tensor] = {}
     bar = _progress(steps, f"epoch {epoch}/{config.epochs}", progress)
     for step, train_batch in enumerate(train_stream):
-        info = search.architect.step(next(valid_stream), train_batch, loss_weights, lr, search.weight_optimizer)
-        images, labels = train_batch
-        search.weight_optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            weights = arch()
-        logits = supernet(images, weights)
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        if config.weights.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(supernet.parameters(), config.weights.grad_clip)
-        search.weight_optimizer.step()
+        loss, logits, info = search.step(train_batch, next(valid_stream), loss_weights, lr)
+        labels = train_batch[1]
         n = len(labels)
         seen += n
-        loss_sum += loss.detach() * n
+        loss_sum += loss * n
         arch_ce_sum += info["arch_ce"] * n
-        correct += (logits.detach().argmax(1) == labels).sum()
+        correct += (logits.argmax(1) == labels).sum()
         terms = {k: v for k, v in info.items() if k != "arch_ce"}
         if bar is not None:
             bar.update(1)
@@ -536,7 +582,7 @@ def run_search(
     device = resolve_device(config.device)
     data = (data or make_search_data(config.data)).to(device)
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    search = _Search.build(config, steps_per_epoch, data.num_classes, device)
+    search = Search.build(config, steps_per_epoch, data.num_classes, device)
     history: list[dict[str, Any]] = []
     start = 1
     if out is not None:
@@ -663,7 +709,7 @@ def rederive(
     config = SearchConfig.from_dict(saved)
     dev = resolve_device(config.device)
     data = (data or make_search_data(config.data)).to(dev)
-    search = _Search.build(config, math.ceil(len(data.train) / config.batch_size), data.num_classes, dev)
+    search = Search.build(config, math.ceil(len(data.train) / config.batch_size), data.num_classes, dev)
     search.load(state)
     new_target = Target.parse(target, search.space, "--target")
     genotype = derive_genotype(search.arch, new_target)

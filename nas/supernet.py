@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import FusedCell
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 from .space import EdgeGroup, SearchSpace, Target
 
@@ -65,6 +66,7 @@ class SearchCell(nn.Module):
             self.preprocess0 = ReLUConvBN(c_pp, c, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(c_p, c, 1, 1, 0, affine=False)
         self.edges = nn.ModuleList(MixedOp(space.ops, c, 2 if reduction and i < 2 else 1) for _, i in space.edges)
+        self.fused: FusedCell | None = None  # set by Supernet.set_fused
 
     def forward(
         self,
@@ -73,6 +75,8 @@ class SearchCell(nn.Module):
         op_weights: torch.Tensor,
         edge_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(s0, s1, op_weights, edge_weights)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for node in range(self.space.nodes):
             total = 0
@@ -104,12 +108,36 @@ class Supernet(nn.Module):
             c_pp, c_p = c_p, space.nodes * c
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_p, num_classes)
+        self.memory_format = torch.contiguous_format
+        self.autocast_dtype: torch.dtype | None = None
+
+    def set_fused(self, fused: bool) -> Supernet:
+        """Use the fused forward (nas.fused: the edges of a node computed together) or the plain
+        per-op one. Both compute the same function with the same parameters."""
+        for cell in self.cells:
+            cell.fused = FusedCell(cell) if fused else None
+        return self
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> Supernet:
+        """channels_last or contiguous_format, for the weights and every input."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
+
+    def set_autocast(self, dtype: torch.dtype | None) -> Supernet:
+        """Run the forward under torch.autocast with `dtype` (bfloat16 on GPUs); logits stay float32."""
+        self.autocast_dtype = dtype
+        return self
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor, weights: ArchWeights) -> torch.Tensor:
-        s0 = s1 = self.stem(x)
-        for cell, level in zip(self.cells, self.space.level_of_cell):
-            s0, s1 = s1, cell(s0, s1, weights.ops[level], weights.edges[level])
-        return self.classifier(self.global_pooling(s1).flatten(1))
+        with torch.autocast(x.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            s0 = s1 = self.stem(self.prepare(x))
+            for cell, level in zip(self.cells, self.space.level_of_cell):
+                s0, s1 = s1, cell(s0, s1, weights.ops[level], weights.edges[level])
+            logits = self.classifier(self.global_pooling(s1).flatten(1))
+        return logits.float() if self.autocast_dtype is not None else logits
 
 
 class Architecture(nn.Module):

@@ -60,6 +60,12 @@ def test_overrides_use_dotted_keys_and_yaml_values(tmp_path):
     assert config.data.subset == 1024
 
 
+def test_yaml_booleans_read_as_the_words_a_choice_allows():
+    assert SearchConfig.resolve(overrides=["runtime.amp=off"]).runtime.amp == "off"
+    err = error_of(overrides=["runtime.amp=yes"])
+    assert err.field == "runtime.amp" and "'auto', 'off', 'bf16'" in str(err)
+
+
 def test_command_line_preset_wins_over_the_files(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text("preset: darts\n")
