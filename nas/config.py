@@ -83,17 +83,18 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             if type(None) in options:
                 return None
             raise ConfigError(path, value, f"expected {_type_name(tp)}")
-        last_error: ConfigError | None = None
+        errors: list[ConfigError] = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _convert(option, value, path)
             except ConfigError as err:
-                last_error = err
-        # A nested error (deeper path) explains more than "expected A or B".
-        if last_error is not None and last_error.field != path:
-            raise last_error
+                errors.append(err)
+        # The option that got furthest into the value explains more than "expected A or B".
+        deepest = max(errors, key=lambda err: len(err.field), default=None)
+        if deepest is not None and deepest.field != path:
+            raise deepest
         raise ConfigError(path, value, f"expected {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -189,6 +190,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flatten_mapping(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and empty mappings stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_mapping(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """`override` on top of `base`; nested mappings merge, everything else is replaced."""
     merged = copy.deepcopy(dict(base))
@@ -215,20 +228,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(data: dict[str, Any], key: str | list[str], value: Any) -> None:
+    """data["a"]["b"] = value for key "a.b", creating mappings on the way."""
+    keys = key.split(".") if isinstance(key, str) else key
+    node = data
+    for depth, name in enumerate(keys[:-1]):
+        child = node.get(name)
+        if child is None:
+            child = node[name] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(".".join(keys[: depth + 1]), child, "is not a mapping; cannot set a key inside it")
+        node = child
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Applies `--set key=value` strings (dotted keys mirror the YAML) to a nested dict."""
     result = copy.deepcopy(dict(data))
     for text in overrides:
         keys, value = parse_override(text)
-        node = result
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(".".join(keys[: depth + 1]), child, "is not a mapping; cannot set a key inside it")
-            node = child
-        node[keys[-1]] = value
+        set_dotted(result, keys, value)
     return result
 
 

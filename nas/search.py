@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from . import config as cfg
 from .architect import Architect
-from .config import ConfigError
-from .data import DataConfig, SearchData, batches, make_search_data, stream_generator
-from .discretize import BoundSupernet, accuracy, discretization_metrics
+from .config import ConfigError, flatten_mapping
+from .data import CIFAR_TRAIN_SIZE, DataConfig, SearchData, batches, make_search_data, stream_generator
+from .discretize import BoundSupernet, DiscretizedNetwork, accuracy, discretization_metrics
 from .genotype import Genotype, derive_genotype
 from .losses import LossConfig, entropy, warmup_epoch
 from .ops import OP_LISTS
@@ -227,22 +227,16 @@ class SearchConfig:
         return ("beta" if self.edge_params else "alpha") + f"-{self.alpha_sharing}"
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
     """The weight learning rate of 1-based `epoch`: the reference steps its cosine schedule at the
     start of every epoch, so epoch 1 already uses the value after one step and the last lr_min."""
     return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def steps_per_epoch(config: SearchConfig) -> int:
+    """Weight steps per epoch that the config's data split gives (ceil(train images / batch))."""
+    used = config.data.subset or CIFAR_TRAIN_SIZE
+    return math.ceil(math.floor(config.data.train_portion * used) / config.batch_size)
 
 
 def arch_lr_scale(config: SearchConfig, steps_per_epoch: int) -> float:
@@ -413,8 +407,8 @@ def _save_atomic(state: Mapping[str, Any], path: Path) -> None:
 
 
 def _check_resumable(saved: Mapping[str, Any], config: SearchConfig, path: Path) -> None:
-    old = {k: v for k, v in flatten(saved).items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in flatten(config.to_dict()).items() if k not in _RESUME_FREE}
+    old = {k: v for k, v in flatten_mapping(saved).items() if k not in _RESUME_FREE}
+    new = {k: v for k, v in flatten_mapping(config.to_dict()).items() if k not in _RESUME_FREE}
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         key = changed[0]
@@ -474,6 +468,8 @@ def _flat_metrics(record: Mapping[str, Any]) -> dict[str, float]:
             "arch_ce",
             "valid_acc",
             "valid_loss",
+            "discretized_acc",
+            "drop",
             "lr",
             "alpha_lr",
             "beta_lr",
@@ -618,6 +614,8 @@ def run_search(
             bound = BoundSupernet(search.supernet, search.arch())
         valid_acc, valid_loss = accuracy(bound, data.eval)
         genotype = derive_genotype(search.arch)
+        trained_edges = [None if w is None else w.detach() for w in bound.weights.edges]
+        discretized_acc, _ = accuracy(DiscretizedNetwork(search.supernet, genotype, trained_edges), data.eval)
         record = {
             "epoch": epoch,
             "lr": lr,
@@ -627,16 +625,20 @@ def run_search(
             "loss_weights": loss_weights,
             "valid_acc": valid_acc,
             "valid_loss": valid_loss,
+            # trained edge weights, stored BN statistics: the final `discretized_acc` at the last epoch
+            "discretized_acc": discretized_acc,
+            "drop": valid_acc - discretized_acc,
             **_diagnostics(search, genotype),
             "seconds": time.perf_counter() - epoch_started,
         }
         history.append(record)
         log.info(
-            "epoch %d/%d  train %.2f%%  valid %.2f%%  arch CE %.3f  skips %s  %.1fs",
+            "epoch %d/%d  train %.2f%%  supernet %.2f%%  discretized %.2f%%  arch CE %.3f  skips %s  %.1fs",
             epoch,
             config.epochs,
             record["train_acc"],
             valid_acc,
+            discretized_acc,
             record["arch_ce"],
             record["skip_connect"],
             record["seconds"],

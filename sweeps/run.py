@@ -1,0 +1,99 @@
+"""Run a sweep of supernet searches: Optuna proposes, Ray Tune runs, MLflow tracks.
+
+python sweeps/run.py                          # sweeps/quick.yaml: a few minutes on a laptop
+python sweeps/run.py sweeps/table4.yaml       # the DA2S Table 4 study
+python sweeps/run.py SWEEP.yaml --resume      # finish an interrupted sweep
+python sweeps/run.py SWEEP.yaml --address auto   # on a Ray cluster (ray up cluster.yaml)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+from nas.config import ConfigError  # noqa: E402
+from nas.data import DataNotFoundError  # noqa: E402
+from tuning.config import SweepConfig  # noqa: E402
+from tuning.tracking import ui_command  # noqa: E402
+
+
+def _fmt(value, digits=2) -> str:
+    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        return f"{value:.{digits}f}"
+    return "-"
+
+
+def print_summary(outcome, sweep: SweepConfig) -> None:
+    objective = sweep.objectives()[0]
+    rows = sorted(
+        outcome.trials,
+        key=lambda t: (
+            t.metrics.get(objective.metric) is None,
+            -(t.metrics.get(objective.metric) or 0)
+            if objective.mode == "max"
+            else (t.metrics.get(objective.metric) or 0),
+        ),
+    )
+    print(f"\n{'trial':28s} {'status':10s} {'supernet':>8s} {'discr.':>8s} {'drop':>7s} {'params M':>8s}  settings")
+    for t in rows:
+        m = t.metrics
+        params = m.get("params")
+        settings = ", ".join(f"{k}={v}" for k, v in t.params.items())
+        print(
+            f"{t.trial_id:28s} {t.status:10s} {_fmt(m.get('supernet_acc')):>8s} {_fmt(m.get('discretized_acc')):>8s} "
+            f"{_fmt(m.get('drop')):>7s} {_fmt(params / 1e6 if params else None):>8s}  {settings}"
+        )
+        if t.error:
+            print(f"{'':28s} {t.error}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "sweep", nargs="?", default=str(HERE / "quick.yaml"), help="sweep YAML (default: sweeps/quick.yaml)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="finish an interrupted sweep without repeating finished trials"
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address (`auto` on a cluster node); default: a local Ray instance"
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a sweep field, e.g. num_samples=8 or search.epochs=2")  # fmt: skip
+    parser.add_argument("-q", "--quiet", action="store_true", help="less output from Ray Tune")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        sweep = SweepConfig.load(args.sweep, args.overrides)
+        from tuning.sweep import run_sweep
+
+        outcome = run_sweep(sweep, resume=args.resume, address=args.address, verbose=0 if args.quiet else 1)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DataNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    print_summary(outcome, sweep)
+    print(f"\nRay results:  {outcome.experiment_dir}")
+    print(f"MLflow:       {outcome.tracking_uri}  (experiment '{sweep.mlflow.experiment or sweep.name}')")
+    print(f"Open the UI:  {ui_command(outcome.tracking_uri)}")
+    print(f"Report:       python sweeps/report.py {sweep.mlflow.experiment or sweep.name}")
+    if outcome.interrupted:
+        print(
+            f"\nThe sweep was interrupted. Finish it with:  python sweeps/run.py {args.sweep} --resume", file=sys.stderr
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

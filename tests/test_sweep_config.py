@@ -1,0 +1,162 @@
+"""Sweep YAML: the shipped sweeps validate; every bad input names its field before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from nas.config import ConfigError
+from tuning.config import SweepConfig, method_label
+from tuning.space import SpaceSampler, make_sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "name": "t",
+    "search": {"epochs": 2, "model": {"channels": 4, "cells": 3}},
+    "space": {"preset": {"choices": ["darts", "da2s"]}},
+    "num_samples": 2,
+}
+
+
+def sweep_error(**changes) -> ConfigError:
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    for key, value in changes.items():
+        data[key] = value
+    with pytest.raises(ConfigError) as info:
+        SweepConfig.from_dict(data)
+    return info.value
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_validate(path):
+    sweep = SweepConfig.load(path)
+    assert sweep.num_samples >= 1 and sweep.space
+
+
+def test_table4_is_the_full_grid_of_decisions_3():
+    sweep = SweepConfig.load(ROOT / "sweeps" / "table4.yaml")
+    grid = sweep.grid()
+    assert grid["preset"] == ["darts", "da2s"]
+    assert grid["target"] == ["[2, 2, 2, 2]", "3 of 14", "4 of 14", "5 of 14", "6 of 14", "[1, 1, 2, 3]"]
+    assert sweep.num_samples == 2 * 6 * len(grid["seed"]) and sweep.sampler_type() == "grid"
+    assert sweep.resolve_trial({"preset": "da2s", "target": "3 of 14"}).resolved_target().describe() == "3 of 14"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "fragment"),
+    [
+        ({"epochs": 3}, "epochs", "unknown key; allowed: name, description, search, space"),
+        ({"num_samples": "four"}, "num_samples", "expected an integer"),
+        ({"num_samples": 0}, "num_samples", "must be >= 1"),
+        (
+            {"space": {"ops": {"choices": ["darts", ["max_pool_3x3", "conv_9x9"]]}}},
+            "space.ops.choices[1]",
+            "must be a number",
+        ),
+        ({"space": {"target": {"choices": ["[2, 2, 2, 2]", "7 of 12"]}}}, "space.target.choices[1]", "has 14 edges"),
+        (
+            {"space": {"target": {"choices": ["[2, 2, 2, 2]", "[3, 3, 3, 3]"]}}},
+            "space.target.choices[1]",
+            "node 0 has 2 inputs",
+        ),
+        (
+            {"space": {"loss.op_entropy.weight": {"low": -1.0, "high": 1.0}}},
+            "space.loss.op_entropy.weight",
+            "must be >= 0",
+        ),
+        (
+            {"space": {"loss.op_entropy.wieght": {"low": 0.1, "high": 1.0}}},
+            "space.loss.op_entropy.wieght",
+            "did you mean 'weight'",
+        ),
+        ({"space": {"alpha.lr": {"low": 0.0, "high": 1.0, "log": True}}}, "space.alpha.lr.low", "must be > 0 with log"),
+        ({"space": {"seed": {"type": "int", "low": 5, "high": 1}}}, "space.seed.low", "must not exceed high"),
+        (
+            {"space": {"seed": {"type": "integer", "low": 1, "high": 5}}},
+            "space.seed.type",
+            "'float', 'int', 'categorical'",
+        ),
+        ({"search": {"model": {"channels": 7}}}, "search.model.channels", "must be even"),
+        ({"search": {"loss": {"edge_count": {"weight": 0.1}}}}, "search.loss.edge_count.weight", "needs edge_params"),
+        ({"objective": {"metric": "accuracy"}}, "objective.metric", "discretized_acc"),
+        ({"objective": {"metric": "drop", "mode": "minimise"}}, "objective.mode", "'max', 'min'"),
+        ({"sampler": {"type": "cmaes"}}, "sampler.type", "'tpe', 'nsga2', 'grid', 'random'"),
+        ({"sampler": {"type": "nsga2"}}, "sampler.type", "NSGA-II is for several objectives"),
+        ({"sampler": {"type": "grid"}, "num_samples": 3}, "num_samples", "the grid has 2 points"),
+        (
+            {"sampler": {"type": "grid"}, "space": {"alpha.lr": {"low": 0.1, "high": 1.0}}},
+            "space.alpha.lr",
+            "categorical",
+        ),
+        ({"scheduler": {"type": "asha", "metric": "params"}}, "scheduler.metric", "per-epoch metric"),
+        ({"scheduler": {"type": "hyperband"}}, "scheduler.type", "'none', 'asha'"),
+        ({"resources": {"gpu": 1.5}}, "resources.gpu", "fraction of one GPU"),
+        ({"resources": {"cpu": 0}}, "resources.cpu", "must be > 0"),
+        ({"concurrency": 0}, "concurrency", "must be >= 1"),
+        ({"name": "a/b"}, "name", "no slashes"),
+        ({"method_label": "{alpha_shared}"}, "method_label", "names no SearchConfig field"),
+        ({"space": {}}, "space", "needs at least one parameter"),
+    ],
+)
+def test_bad_sweep_names_the_field(changes, field, fragment):
+    err = sweep_error(**changes)
+    assert err.field == field, str(err)
+    assert fragment in str(err)
+
+
+def test_grid_size_is_the_default_number_of_trials():
+    data = {
+        **BASE,
+        "sampler": {"type": "grid"},
+        "space": {"preset": {"choices": ["darts", "da2s"]}, "seed": {"choices": [1, 2, 3]}},
+    }
+    data.pop("num_samples")
+    assert SweepConfig.from_dict(data).num_samples == 6
+
+
+def test_conditional_parameters_follow_their_condition():
+    sweep = SweepConfig.from_dict(
+        {
+            **BASE,
+            "space": {
+                "preset": {"choices": ["darts", "da2s"]},
+                "loss.edge_entropy.weight": {"low": 0.1, "high": 1.0, "log": True, "when": {"preset": "da2s"}},
+                "loss.op_entropy.weight": {"low": 0.0, "high": 0.2, "when": {"model.channels": 4}},
+            },
+            "num_samples": 20,
+        }
+    )
+    study = optuna.create_study(sampler=make_sampler(sweep))
+    space = SpaceSampler(sweep.space, sweep.search)
+    for _ in range(20):
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        assert ("loss.edge_entropy.weight" in params) == (params["preset"] == "da2s")
+        assert "loss.op_entropy.weight" in params  # the fixed model.channels is 4
+        sweep.resolve_trial(params)  # every sampled point is a valid search
+        study.tell(trial, 0.0)
+
+
+def test_method_label_formats_dotted_fields():
+    config = SweepConfig.from_dict(BASE).resolve_trial({"alpha_sharing": "stage"}).to_dict()
+    assert method_label("{alpha_sharing}, H={loss.op_entropy.weight}", config) == "stage, H=0.0"
+    assert method_label(None, {**config, "preset": "da2s"}) == "da2s"
+
+
+def test_bad_sweep_file_stops_run_py_before_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "space": {"target": {"choices": ["3 of 14", "[2, 2]"]}}}))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / "run.py"), str(bad)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: space.target.choices[1]: got '[2, 2]'; expected one count per intermediate node (4 of them)"
+    )
+    assert not (tmp_path / "runs").exists()  # nothing was started or written

@@ -1,0 +1,169 @@
+"""Sweeps end to end: a real local Ray instance, real Optuna samplers and a real MLflow store,
+read back after the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_search_config
+from mlflow.tracking import MlflowClient
+
+from nas.search import SearchConfig, run_search
+from tuning.config import SweepConfig
+from tuning.report import load_trials, summarise, table4
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from tuning.sweep import _init_ray
+
+    _init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def sweep_dict(tmp_path: Path, name: str, **changes) -> dict:
+    search = tiny_search_config()
+    search.pop("device")
+    data = {
+        "name": name,
+        "search": search,
+        "space": {"preset": {"choices": ["darts", "da2s"]}},
+        "sampler": {"type": "grid"},
+        "concurrency": 2,
+        "storage": str(tmp_path / "ray"),
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    data.update(changes)
+    return data
+
+
+def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
+    from tuning.sweep import run_sweep
+
+    # beta.lr 1e30 overflows DA2S's beta (Adam's weight-decay term squared); DARTS has no beta.
+    space = {"preset": {"choices": ["darts", "da2s"]}, "beta.lr": {"choices": [3e-4, 1e30]}}
+    sweep = SweepConfig.from_dict(sweep_dict(tmp_path, "e2e", space=space))
+    outcome = run_sweep(sweep, base_dir=tmp_path, verbose=0)
+
+    statuses = sorted((t.params["preset"], t.params["beta.lr"], t.status) for t in outcome.trials)
+    assert statuses == [
+        ("da2s", 3e-4, "TERMINATED"),
+        ("da2s", 1e30, "DIVERGED"),
+        ("darts", 3e-4, "TERMINATED"),
+        ("darts", 1e30, "TERMINATED"),
+    ]
+    diverged = next(t for t in outcome.trials if t.status == "DIVERGED")
+    assert "NaN or infinite" in diverged.error
+
+    client = MlflowClient(outcome.tracking_uri)
+    runs = client.search_runs([outcome.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED" and len(trials) == 4
+    assert parent[0].data.metrics["trials_finished"] == 3 and "best_discretized_acc" in parent[0].data.metrics
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {outcome.parent_run_id}
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    assert len(failed) == 1 and "NaN or infinite" in failed[0].data.tags["failure"]
+    for run in trials:
+        if run.info.status == "FAILED":
+            continue
+        assert run.info.status == "FINISHED"
+        params = run.data.params
+        assert params["method"] == params["preset"] and params["target"] == "[2, 2, 2, 2]"
+        assert params["model.channels"] == "4" and params["epochs"] == "2" and "arch_lr_scale_effective" in params
+        for metric in (
+            "supernet_acc",
+            "discretized_acc",
+            "drop",
+            "discretized_bn_recal_acc",
+            "drop_bn_recal",
+            "params",
+        ):
+            assert metric in run.data.metrics, metric
+        history = client.get_metric_history(run.info.run_id, "valid_acc")
+        assert sorted(m.step for m in history) == [1, 2]
+        assert any(key.startswith("skip_connect/") for key in run.data.metrics)
+        top = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"genotype.json", "config.json", "result.json", "cells", "plots"} <= top
+        cells = {a.path for a in client.list_artifacts(run.info.run_id, "cells")}
+        assert cells == {"cells/cell_normal.png", "cells/cell_reduce.png"}
+        genotype = json.loads(
+            Path(client.download_artifacts(run.info.run_id, "genotype.json", str(tmp_path))).read_text()
+        )
+        assert sum(len(node) for node in genotype["levels"]["normal"]["nodes"]) == 8
+
+    finished, other = load_trials(outcome.tracking_uri, "e2e")
+    assert len(finished) == 3 and len(other) == 1
+    rows = {(r.method, r.target): r for r in summarise(finished)}
+    assert rows[("darts", "[2, 2, 2, 2]")].n == 2 and rows[("da2s", "[2, 2, 2, 2]")].n == 1
+    table = table4(list(rows.values()))
+    assert "darts supernet" in table and "da2s drop" in table
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::ImplicitFunc"):
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray):
+    from tuning.sweep import run_sweep
+
+    search = tiny_search_config(epochs=6, data={**tiny_search_config()["data"], "subset": 640})
+    search.pop("device")
+    sweep = SweepConfig.from_dict(
+        sweep_dict(
+            tmp_path, "kill", search=search, space={"preset": {"choices": ["da2s"]}}, concurrency=1, max_failures=2
+        )
+    )
+    killed = []
+
+    def kill_after_second_epoch():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list((tmp_path / "ray" / "kill").glob("*/checkpoint_000001")) and _worker_pids():
+                for pid in _worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_second_epoch, daemon=True)
+    killer.start()
+    outcome = run_sweep(sweep, base_dir=tmp_path, verbose=0)
+    killer.join(timeout=5)
+    assert killed, "the trial finished before it could be killed"
+    (trial,) = outcome.trials
+    assert trial.status == "TERMINATED"
+
+    client = MlflowClient(outcome.tracking_uri)
+    runs = [r for r in client.search_runs([outcome.experiment_id]) if r.data.tags.get("kind") == "trial"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags.get("resumed") == "true"
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "valid_acc")}
+    assert steps == {1, 2, 3, 4, 5, 6}
+
+    # The same search never interrupted, on as many threads as the trial had, ends identically.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = run_search(SearchConfig.resolve("da2s", search), artifacts=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(trial.metrics["genotype"]) == straight.genotype.to_dict()["levels"]
+    assert trial.metrics["discretized_acc"] == pytest.approx(straight.metrics["discretized_acc"])

@@ -1,0 +1,304 @@
+"""SweepConfig: a sweep YAML as validated objects, checked before Ray starts.
+
+    name: table4                      # MLflow experiment and Ray experiment directory
+    search: {preset: da2s, epochs: 12, model: {channels: 8}}   # fixed nas.SearchConfig fields
+    space:                            # Optuna, one entry per dotted SearchConfig field
+      preset: {choices: [darts, da2s]}
+      loss.op_entropy.weight: {low: 0.01, high: 0.3, log: true, when: {preset: da2s}}
+    objective: {metric: discretized_acc, mode: max}     # or a list: multi-objective
+    sampler: {type: tpe, seed: 0}     # tpe | nsga2 | grid | random
+    scheduler: {type: asha, grace_period: 2}            # none | asha (on supernet valid_acc)
+    num_samples: 16
+    concurrency: 2
+    resources: {cpu: 1, gpu: 0.5}     # per trial
+    storage: runs/ray                 # Ray results; MLflow: mlflow.tracking_uri
+
+Every value a trial can receive is checked here with nas.SearchConfig, so a bad op name, a target
+that does not fit the cell or a negative weight stops the sweep before any trial starts, with the
+path of the offending entry (e.g. `space.target.choices[2]`).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from nas.config import ConfigError, apply_overrides, flatten_mapping, from_dict, load_yaml, set_dotted, to_dict
+from nas.search import SearchConfig
+
+# Metrics a trial reports at its end (nas.discretize.discretization_metrics), plus the derived
+# network's size; per-epoch metrics (valid_acc, train_acc, ...) are reported every epoch.
+FINAL_METRICS = (
+    "supernet_acc",
+    "discretized_acc",
+    "drop",
+    "discretized_bn_recal_acc",
+    "drop_bn_recal",
+    "discretized_unit_edges_acc",
+    "drop_unit_edges",
+    "discretized_unit_edges_bn_recal_acc",
+    "drop_unit_edges_bn_recal",
+    "supernet_bn_recal_acc",
+    "params",
+)
+EPOCH_METRICS = ("valid_acc", "valid_loss", "train_acc", "train_loss", "arch_ce", "discretized_acc", "drop")
+
+
+@dataclass
+class ParamSpec:
+    """One dimension of the Optuna space. `choices` make it categorical; otherwise `low`/`high`
+    (with `log` or `step`) make it a float, or an int when `type: int`. `when` makes it conditional:
+    it is sampled only if every listed field (sampled earlier, or fixed) has the listed value."""
+
+    type: Literal["float", "int", "categorical"] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+    when: dict[str, Any] | None = None
+
+    def validate(self, path: str) -> None:
+        kind = self.kind()
+        if kind == "categorical":
+            if not self.choices:
+                raise ConfigError(f"{path}.choices", self.choices, "needs at least one value")
+            for i, choice in enumerate(self.choices):
+                if not (choice is None or isinstance(choice, (bool, int, float, str))):
+                    raise ConfigError(
+                        f"{path}.choices[{i}]",
+                        choice,
+                        "must be a number, string, boolean or null (write a target as '[2, 2, 2, 2]')",
+                    )
+            return
+        for name in ("low", "high"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"{path}.{name}", None, f"a {kind} parameter needs low and high (or give choices)")
+        if self.low > self.high:
+            raise ConfigError(f"{path}.low", self.low, f"must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ConfigError(f"{path}.low", self.low, "must be > 0 with log: true")
+        if self.log and self.step is not None:
+            raise ConfigError(f"{path}.step", self.step, "cannot be combined with log: true")
+        if kind == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ConfigError(f"{path}.low", self.low, "an int parameter needs integer low and high")
+
+    def kind(self) -> str:
+        if self.type is not None:
+            return self.type
+        return "categorical" if self.choices is not None else "float"
+
+    def values(self) -> list[Any]:
+        """Values to check against SearchConfig: every choice, or the ends of the range."""
+        if self.kind() == "categorical":
+            return list(self.choices)
+        if self.kind() == "int":
+            return [int(self.low), int(self.high)]
+        return [float(self.low), float(self.high)]
+
+
+@dataclass
+class Objective:
+    metric: str = "discretized_acc"
+    mode: Literal["max", "min"] = "max"
+
+    def validate(self, path: str) -> None:
+        known = (*FINAL_METRICS, *EPOCH_METRICS)
+        if self.metric not in known:
+            raise ConfigError(f"{path}.metric", self.metric, f"expected one of {', '.join(known)}")
+
+
+@dataclass
+class SamplerConfig:
+    # Default: tpe for one objective, nsga2 for several.
+    type: Literal["tpe", "nsga2", "grid", "random"] | None = None
+    seed: int | None = 0
+
+
+@dataclass
+class SchedulerConfig:
+    type: Literal["none", "asha"] = "none"
+    metric: str = "valid_acc"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = field(default=1, metadata={"min": 1})
+    reduction_factor: float = field(default=3.0, metadata={"gt": 1.0})
+
+    def validate(self, path: str) -> None:
+        if self.type == "asha" and self.metric not in EPOCH_METRICS:
+            raise ConfigError(
+                f"{path}.metric", self.metric, f"ASHA needs a per-epoch metric: one of {', '.join(EPOCH_METRICS)}"
+            )
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = field(default=1.0, metadata={"gt": 0.0})
+    gpu: float = field(default=0.0, metadata={"min": 0.0})
+
+    def validate(self, path: str) -> None:
+        if self.gpu > 1 and not float(self.gpu).is_integer():
+            raise ConfigError(f"{path}.gpu", self.gpu, "a trial takes a fraction of one GPU or a whole number of GPUs")
+
+
+@dataclass
+class MlflowConfig:
+    # `auto`: $MLFLOW_TRACKING_URI if set (the cluster's head sets it), else a sqlite store in
+    # runs/mlflow.db under the working directory. Relative sqlite paths are made absolute.
+    tracking_uri: str = "auto"
+    experiment: str | None = None  # default: the sweep's name
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    description: str = ""
+    search: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+    objective: Objective | tuple[Objective, ...] = field(default_factory=Objective)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Trials to run; with the grid sampler, defaults to the size of the grid.
+    num_samples: int | None = field(default=None, metadata={"min": 1})
+    concurrency: int = field(default=1, metadata={"min": 1})
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # How often a trial whose process dies is retried (from its last epoch checkpoint).
+    max_failures: int = field(default=2, metadata={"min": 0})
+    storage: str = "runs/ray"
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # How the report names a trial's method, e.g. "{alpha_sharing}, H={loss.op_entropy.weight}";
+    # fields in braces are dotted SearchConfig fields. Default: the preset's name.
+    method_label: str | None = None
+    evaluate: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: Iterable[str] = ()) -> SweepConfig:
+        data = apply_overrides(load_yaml(str(path)), overrides)
+        data.setdefault("name", Path(path).stem)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepConfig:
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, path: str = "") -> None:
+        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
+            raise ConfigError(
+                "name",
+                self.name,
+                "expected a plain name (no slashes): it names the MLflow experiment and the results directory",
+            )
+        objectives = self.objectives()
+        if not objectives:
+            raise ConfigError("objective", [], "needs at least one metric")
+        for i, objective in enumerate(objectives):
+            objective.validate(f"objective[{i}]" if isinstance(self.objective, tuple) else "objective")
+        sampler = self.sampler_type()
+        if sampler == "grid":
+            for key, spec in self.space.items():
+                if spec.kind() != "categorical" or spec.when:
+                    raise ConfigError(
+                        f"space.{key}", to_dict(spec), "the grid sampler needs categorical parameters without `when`"
+                    )
+            size = self.grid_size()
+            if self.num_samples is None:
+                self.num_samples = size
+            elif self.num_samples != size:
+                raise ConfigError(
+                    "num_samples",
+                    self.num_samples,
+                    f"the grid has {size} points; leave num_samples out or set it to {size}",
+                )
+        elif sampler == "nsga2" and len(objectives) < 2:
+            raise ConfigError("sampler.type", "nsga2", "NSGA-II is for several objectives; use tpe for one")
+        if self.num_samples is None:
+            raise ConfigError("num_samples", None, "how many trials to run (an integer >= 1)")
+        if not self.space:
+            raise ConfigError(
+                "space",
+                {},
+                "needs at least one parameter (use the grid sampler with one choice for a single configuration)",
+            )
+        self.check_search_configs()
+        if self.method_label:
+            try:
+                method_label(self.method_label, self.resolve_trial({}).to_dict())
+            except KeyError as err:
+                raise ConfigError("method_label", self.method_label, f"names no SearchConfig field {err}") from None
+
+    def objectives(self) -> tuple[Objective, ...]:
+        return self.objective if isinstance(self.objective, tuple) else (self.objective,)
+
+    def sampler_type(self) -> str:
+        if self.sampler.type is not None:
+            return self.sampler.type
+        return "nsga2" if len(self.objectives()) > 1 else "tpe"
+
+    def grid(self) -> dict[str, list[Any]]:
+        return {key: list(spec.choices) for key, spec in self.space.items()}
+
+    def grid_size(self) -> int:
+        return math.prod(len(values) for values in self.grid().values())
+
+    def trial_search_dict(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return trial_search(self.search, params)
+
+    def resolve_trial(self, params: Mapping[str, Any]) -> SearchConfig:
+        return SearchConfig.resolve(file=self.trial_search_dict(params))
+
+    def check_search_configs(self) -> None:
+        """Every fixed setting, and every value each space entry can take, against SearchConfig."""
+        try:
+            base = self.resolve_trial({})
+        except ConfigError as err:
+            raise ConfigError(f"search.{err.field}", err.value, err.allowed) from None
+        del base
+        if self.sampler_type() == "grid" and self.grid_size() <= 64:
+            points = [dict(zip(self.grid(), combo)) for combo in itertools.product(*self.grid().values())]
+            for point in points:
+                self._check_point(point)
+            return
+        for key, spec in self.space.items():
+            for i, value in enumerate(spec.values()):
+                where = f"space.{key}.choices[{i}]" if spec.kind() == "categorical" else f"space.{key}"
+                # A conditional parameter is checked in the setting its condition requires.
+                self._check_point({**(spec.when or {}), key: value}, where)
+
+    def _check_point(self, params: Mapping[str, Any], where: str | None = None) -> None:
+        try:
+            self.resolve_trial(params)
+        except ConfigError as err:
+            key = err.field.split("[")[0]
+            location = where or (f"space.{key}" if key in self.space else f"search.{err.field}")
+            raise ConfigError(location, params.get(key, err.value), err.allowed) from None
+
+
+def trial_search(search: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The nas search settings of a trial: the fixed ones with the sampled dotted keys set."""
+    data = copy.deepcopy(dict(search))
+    for key, value in params.items():
+        set_dotted(data, key, value)
+    return data
+
+
+_FIELD = re.compile(r"\{([A-Za-z0-9_.]+)\}")
+
+
+def method_label(template: str | None, config: Mapping[str, Any]) -> str:
+    """The method name of a trial: `template` with {dotted.field} replaced by its value, or the
+    preset's name (else "custom")."""
+    if not template:
+        return str(config.get("preset") or "custom")
+    flat = flatten_mapping(config)
+    return _FIELD.sub(lambda m: str(flat[m.group(1)]), template)

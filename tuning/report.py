@@ -1,0 +1,211 @@
+"""Tables and plots of a finished sweep, read back from MLflow.
+
+Rows group the trials of one method under one target; every number is the mean +- standard
+deviation over the group's seeds (sample std, n - 1; "n" says how many finished). The Table 4
+layout puts the targets in rows and, per method, supernet accuracy, discretized accuracy and the
+drop side by side, as the DA2S paper's Table 4 does.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .tracking import client_for, retrying
+
+COLUMNS = (
+    ("supernet_acc", "supernet"),
+    ("discretized_acc", "discretized"),
+    ("drop", "drop"),
+    ("discretized_bn_recal_acc", "discr. BN recal"),
+    ("drop_bn_recal", "drop BN recal"),
+    ("discretized_unit_edges_acc", "discr. edges=1"),
+    ("params", "params (M)"),
+)
+METHOD_ORDER = ("darts", "da2s", "multilevel")
+
+
+@dataclass
+class TrialRecord:
+    run_id: str
+    name: str
+    method: str
+    target: str
+    seed: str
+    status: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    method: str
+    target: str
+    n: int
+    values: dict[str, list[float]]
+
+    def stat(self, metric: str) -> tuple[float, float]:
+        values = self.values.get(metric, [])
+        if not values:
+            return math.nan, math.nan
+        mean = statistics.fmean(values)
+        return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], list[TrialRecord]]:
+    """(finished trials, trials that failed, diverged or were stopped early) of an experiment."""
+    client = client_for(tracking_uri)
+    found = retrying(lambda: client.get_experiment_by_name(experiment), "get experiment")
+    if found is None:
+        names = [e.name for e in retrying(lambda: client.search_experiments(), "list experiments")]
+        raise LookupError(
+            f"no MLflow experiment {experiment!r} at {tracking_uri}; experiments there: {', '.join(names) or 'none'}"
+        )
+    runs, token = [], None
+    while True:
+        page = retrying(
+            lambda token=token: client.search_runs(
+                [found.experiment_id], "tags.kind = 'trial'", max_results=1000, page_token=token
+            ),
+            "search runs",
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    finished, other = [], []
+    for run in runs:
+        params, tags = run.data.params, run.data.tags
+        record = TrialRecord(
+            run.info.run_id,
+            run.info.run_name,
+            params.get("method", "?"),
+            params.get("target", "?"),
+            params.get("seed", "?"),
+            run.info.status,
+            dict(run.data.metrics),
+            dict(params),
+            dict(tags),
+        )
+        complete = run.info.status == "FINISHED" and "early_stopped" not in tags and "discretized_acc" in record.metrics
+        (finished if complete else other).append(record)
+    return finished, other
+
+
+def summarise(trials: Sequence[TrialRecord]) -> list[Row]:
+    groups: dict[tuple[str, str], list[TrialRecord]] = defaultdict(list)
+    for trial in trials:
+        groups[(trial.method, trial.target)].append(trial)
+    rows = []
+    for (method, target), members in groups.items():
+        values = {metric: [t.metrics[metric] for t in members if metric in t.metrics] for metric, _ in COLUMNS}
+        values["params"] = [v / 1e6 for v in values["params"]]
+        rows.append(Row(method, target, len(members), values))
+    method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rows.sort(key=lambda r: (_target_key(r.target), method_rank.get(r.method, 99), r.method))
+    return rows
+
+
+def _target_key(target: str) -> tuple:
+    """Per-node targets first, in their order; then per-cell targets by K."""
+    if " of " in target:
+        return (1, int(target.split()[0]), target)
+    return (0, 0, target)
+
+
+def _cell(row: Row, metric: str) -> str:
+    mean, std = row.stat(metric)
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if row.n > 1 else f"{mean:.2f}"
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    header = ["method", "target", "n", *(label for _, label in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append(
+            "| " + " | ".join([row.method, row.target, str(row.n), *(_cell(row, m) for m, _ in COLUMNS)]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def table4(rows: Sequence[Row]) -> str:
+    """Targets in rows; per method: supernet, discretized, drop (and the drop after BN recal)."""
+    methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
+    methods += sorted({r.method for r in rows} - set(methods))
+    targets = sorted({r.target for r in rows}, key=_target_key)
+    by_key = {(r.method, r.target): r for r in rows}
+    header = ["target"]
+    for m in methods:
+        header += [f"{m} supernet", f"{m} discretized", f"{m} drop", f"{m} drop (BN recal)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for target in targets:
+        cells = [target]
+        for m in methods:
+            row = by_key.get((m, target))
+            cells += [
+                _cell(row, k) if row else "-" for k in ("supernet_acc", "discretized_acc", "drop", "drop_bn_recal")
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def csv_table(rows: Sequence[Row]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    header = ["method", "target", "n"]
+    for metric, _ in COLUMNS:
+        header += [f"{metric}_mean", f"{metric}_std"]
+    writer.writerow(header)
+    for row in rows:
+        cells = [row.method, row.target, row.n]
+        for metric, _ in COLUMNS:
+            mean, std = row.stat(metric)
+            cells += [f"{mean:.4f}", f"{std:.4f}"]
+        writer.writerow(cells)
+    return out.getvalue()
+
+
+def plot_drops(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
+    """Grouped bars of the drop per target and method (mean +- std over seeds), with and without
+    BN recalibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
+    methods += sorted({r.method for r in rows} - set(methods))
+    targets = sorted({r.target for r in rows}, key=_target_key)
+    by_key = {(r.method, r.target): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(targets) * 2), 3.8), sharey=True)
+    width = 0.8 / max(1, len(methods))
+    for ax, metric, label in (
+        (axes[0], "drop", "stored BN statistics"),
+        (axes[1], "drop_bn_recal", "after BN recalibration"),
+    ):
+        for i, method in enumerate(methods):
+            stats = [by_key[(method, t)].stat(metric) if (method, t) in by_key else (math.nan, 0.0) for t in targets]
+            xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(targets))]
+            ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=method)
+        ax.set_xticks(range(len(targets)), targets, rotation=20, fontsize=8)
+        ax.set_title(f"accuracy drop, {label}", fontsize=9)
+        ax.axhline(0, color="black", lw=0.6)
+    axes[0].set_ylabel("supernet - discretized accuracy (points)")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

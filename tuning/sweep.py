@@ -1,0 +1,357 @@
+"""Builds and runs a sweep: Optuna proposes, Ray Tune runs one search per trial, MLflow tracks.
+
+Order of a run: every check that can fail (the sweep's settings, the data, the output location,
+the GPUs the trials ask for) happens before the first trial starts; then the sweep's parent run in
+MLflow, then the Tuner. `--resume` restores the Tuner (and with it Optuna's study and sampler)
+from the sweep's directory and finishes it without repeating finished trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from nas.config import ConfigError
+from nas.data import load_cifar10, resolve_root
+
+from .config import SweepConfig
+from .space import SpaceSampler, make_sampler
+from .tracking import (
+    PARENT_TAG,
+    client_for,
+    ensure_experiment,
+    find_run,
+    local_artifact_root,
+    log_metrics,
+    log_params,
+    params_of,
+    resolve_tracking_uri,
+    retrying,
+)
+from .trainable import TrialSettings, search_trial
+
+log = logging.getLogger(__name__)
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+OPTUNA_JOURNAL = "optuna.journal"
+
+
+class SweepSearch(OptunaSearch):
+    """OptunaSearch that gives Optuna only final results. Without an Optuna pruner the per-epoch
+    values would be unused (early stopping is the Tune scheduler's job), and final-only objectives
+    such as discretized accuracy after BN recalibration have no per-epoch value."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return None
+
+
+class RunFinalizer(tune.Callback):
+    """Driver side: ends the MLflow runs that their trials could not end themselves."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+
+    def _run(self, trial):
+        client = client_for(self.tracking_uri)
+        return client, find_run(client, self.experiment_id, {"trial_id": trial.trial_id})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        client, run = self._run(trial)
+        if run is not None and run.info.status == "RUNNING":
+            # The trial stopped before its end: the scheduler (ASHA) stopped it.
+            retrying(lambda: client.set_tag(run.info.run_id, "early_stopped", "true"), "tag run")
+            retrying(lambda: client.set_terminated(run.info.run_id, "FINISHED"), "end run")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        client, run = self._run(trial)
+        if run is not None and run.info.status == "RUNNING":
+            reason = _error_text(trial)
+            retrying(lambda: client.set_tag(run.info.run_id, "failure", reason[:5000]), "tag run")
+            retrying(lambda: client.set_terminated(run.info.run_id, "FAILED"), "end run")
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        lines = Path(path).read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "trial failed"
+    return "the trial's process failed"
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    status: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    error: str | None = None
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    experiment_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trials: list[TrialSummary] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _storage_dir(sweep: SweepConfig, base: Path) -> str:
+    return sweep.storage if "://" in sweep.storage else str((base / sweep.storage).resolve())
+
+
+def _check_output(experiment_dir: Path, resume: bool) -> None:
+    has_state = tune.Tuner.can_restore(str(experiment_dir)) if experiment_dir.exists() else False
+    if resume and not has_state:
+        raise ConfigError("--resume", str(experiment_dir), "holds no sweep to resume; run without --resume to start it")
+    if not resume and has_state:
+        raise ConfigError(
+            "name",
+            experiment_dir.name,
+            f"a sweep of this name already has results in {experiment_dir}: add --resume to finish it, "
+            "or give the new sweep another name (nothing was changed)",
+        )
+    leftovers = {PARENT_RUN_FILE, OPTUNA_JOURNAL}
+    if not resume and experiment_dir.exists() and any(p.name not in leftovers for p in experiment_dir.iterdir()):
+        raise ConfigError("storage", str(experiment_dir), "exists and is not a sweep; choose another name or storage")
+
+
+def _check_data(search: dict[str, Any]) -> None:
+    data = search.get("data", {})
+    if data.get("dataset", "cifar10") == "cifar10":
+        load_cifar10(data.get("root"), data.get("download", True))  # raises DataNotFoundError
+
+
+def _resolved_search(sweep: SweepConfig, base: Path) -> dict[str, Any]:
+    """The fixed settings with the data root made absolute (trials run in their own directories)."""
+    search = yaml.safe_load(yaml.safe_dump(sweep.search))  # a plain copy
+    data = search.setdefault("data", {})
+    if data.get("dataset", "cifar10") == "cifar10":
+        data["root"] = str((base / resolve_root(data.get("root"))).resolve())
+    return search
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Objectives such as `params` or `drop_bn_recal` exist only in a trial's final result; the
+    # searcher (SweepSearch) reads final results only, so per-epoch results need not carry them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A private single-node instance on loopback, without the dashboard. Workers import this
+        # project from where the driver found it, installed or not.
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
+
+
+def _journal_path(sweep: SweepConfig, base: Path, experiment_dir: Path) -> Path:
+    directory = experiment_dir if "://" not in sweep.storage else base / "runs" / "optuna" / sweep.name
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / OPTUNA_JOURNAL
+
+
+def _check_resources(sweep: SweepConfig) -> None:
+    import ray
+
+    available = ray.cluster_resources()
+    gpus, cpus = available.get("GPU", 0.0), available.get("CPU", 0.0)
+    if sweep.resources.gpu > 0 and gpus < sweep.resources.gpu:
+        raise ConfigError(
+            "resources.gpu",
+            sweep.resources.gpu,
+            f"the Ray cluster has {gpus:g} GPUs; use gpu: 0 here or run on a GPU cluster",
+        )
+    if sweep.resources.cpu > cpus:
+        raise ConfigError("resources.cpu", sweep.resources.cpu, f"the Ray cluster has {cpus:g} CPUs")
+
+
+def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: Path, resume: bool) -> str:
+    marker = experiment_dir / PARENT_RUN_FILE
+    if marker.exists():
+        run_id = marker.read_text().strip()
+        retrying(lambda: client.update_run(run_id, status="RUNNING"), "reopen sweep run")
+        if resume:
+            retrying(lambda: client.set_tag(run_id, "resumed", "true"), "tag sweep run")
+        return run_id
+    tags = {"kind": "sweep", "sweep": sweep.name, "sampler": sweep.sampler_type()}
+    run = retrying(
+        lambda: client.create_run(experiment_id, tags=tags, run_name=f"sweep-{sweep.name}"), "create sweep run"
+    )
+    run_id = run.info.run_id
+    settings = sweep.to_dict()
+    log_params(client, run_id, params_of({k: v for k, v in settings.items() if k not in ("search", "space")}))
+    log_params(client, run_id, params_of({"search": settings["search"]}))
+    retrying(lambda: client.log_text(run_id, yaml.safe_dump(settings, sort_keys=False), "sweep.yaml"), "log sweep")
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run_id + "\n")
+    return run_id
+
+
+def _end_open_trial_runs(client, experiment_id: str, parent_run_id: str, status: str, reason: str) -> int:
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=1000), "search runs")
+    for run in runs:
+        retrying(lambda run=run: client.set_tag(run.info.run_id, "interrupted", reason), "tag run")
+        retrying(lambda run=run: client.set_terminated(run.info.run_id, status), "end run")
+    return len(runs)
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    base_dir: str | os.PathLike | None = None,
+    verbose: int = 1,
+) -> SweepOutcome:
+    base = Path(base_dir or os.getcwd()).resolve()
+    storage = _storage_dir(sweep, base)
+    experiment_dir = Path(storage) / sweep.name
+    search = _resolved_search(sweep, base)
+    if "://" not in storage:
+        _check_output(experiment_dir, resume)
+    _check_data(search)
+    tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, base)
+
+    _init_ray(address)
+    _check_resources(sweep)
+
+    client = client_for(tracking_uri)
+    experiment_id = ensure_experiment(client, sweep.mlflow.experiment or sweep.name, local_artifact_root(tracking_uri))
+    parent_run_id = _parent_run(client, experiment_id, sweep, experiment_dir, resume)
+    objectives = sweep.objectives()
+    settings = TrialSettings(
+        sweep=sweep.name,
+        search=search,
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        objectives=tuple(o.metric for o in objectives),
+        cpus=sweep.resources.cpu,
+        method_label=sweep.method_label,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(search_trial, settings=settings),
+        {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
+    )
+
+    interrupted = False
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+        else:
+            multi = len(objectives) > 1
+            # The study lives in a journal file beside Ray's state: always current (Ray snapshots the
+            # searcher only now and then, not after the last result), and readable with
+            # optuna.load_study(study_name=NAME, storage=JournalStorage(JournalFileBackend(PATH))).
+            journal = _journal_path(sweep, base, experiment_dir)
+            searcher = SweepSearch(
+                space=SpaceSampler(sweep.space, sweep.search),
+                study_name=sweep.name,
+                storage=JournalStorage(JournalFileBackend(str(journal))),
+                metric=[o.metric for o in objectives] if multi else objectives[0].metric,
+                mode=[o.mode for o in objectives] if multi else objectives[0].mode,
+                sampler=make_sampler(sweep),
+            )
+            if sweep.scheduler.type == "asha":
+                epochs = sweep.resolve_trial({}).epochs
+                scheduler = ASHAScheduler(
+                    time_attr="training_iteration",
+                    metric=sweep.scheduler.metric,
+                    mode=sweep.scheduler.mode,
+                    max_t=epochs,
+                    grace_period=min(sweep.scheduler.grace_period, epochs),
+                    reduction_factor=sweep.scheduler.reduction_factor,
+                )
+            else:
+                scheduler = FIFOScheduler()
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=sweep.concurrency),
+                    scheduler=scheduler,
+                    num_samples=sweep.num_samples,
+                ),
+                run_config=tune.RunConfig(
+                    name=sweep.name,
+                    storage_path=storage,
+                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[RunFinalizer(tracking_uri, experiment_id)],
+                    verbose=verbose,
+                ),
+            )
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+        results = None
+
+    outcome = SweepOutcome(
+        sweep.name, experiment_dir, tracking_uri, experiment_id, parent_run_id, interrupted=interrupted
+    )
+    if results is not None:
+        for result in results:
+            config = dict(result.config or {})
+            status = "ERROR" if result.error else ("DIVERGED" if result.metrics.get("diverged") else "TERMINATED")
+            trial_id = result.metrics.get("trial_id") or Path(result.path).name
+            error = str(result.error).strip().splitlines()[-1] if result.error else result.metrics.get("failure")
+            outcome.trials.append(TrialSummary(trial_id, status, config, dict(result.metrics), error))
+        finished = sum(t.status != "ERROR" for t in outcome.trials)
+        outcome.interrupted = interrupted or (finished + sum(t.status == "ERROR" for t in outcome.trials)) < (
+            sweep.num_samples or 0
+        )
+    if outcome.interrupted:
+        count = _end_open_trial_runs(
+            client, experiment_id, parent_run_id, "KILLED", "sweep interrupted; resume it with --resume"
+        )
+        retrying(lambda: client.set_tag(parent_run_id, "interrupted", "true"), "tag sweep run")
+        retrying(lambda: client.set_terminated(parent_run_id, "KILLED"), "end sweep run")
+        log.warning("sweep interrupted (%d trial runs marked KILLED); resume it with --resume", count)
+    else:
+        _summarise(client, parent_run_id, sweep, outcome)
+        retrying(lambda: client.set_terminated(parent_run_id, "FINISHED"), "end sweep run")
+    return outcome
+
+
+def _summarise(client, parent_run_id: str, sweep: SweepConfig, outcome: SweepOutcome) -> None:
+    """Best objective values as metrics of the sweep's parent run."""
+    best: dict[str, float] = {}
+    for objective in sweep.objectives():
+        values = [t.metrics.get(objective.metric) for t in outcome.trials]
+        values = [float(v) for v in values if isinstance(v, (int, float)) and v == v]
+        if values:
+            best[f"best_{objective.metric}"] = max(values) if objective.mode == "max" else min(values)
+    best["trials_finished"] = float(sum(t.status == "TERMINATED" for t in outcome.trials))
+    best["trials_failed"] = float(sum(t.status != "TERMINATED" for t in outcome.trials))
+    log_metrics(client, parent_run_id, best, 0)
+
+
+def install_sigterm_as_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C, so that a stopped driver saves the sweep's state the same way."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -1,0 +1,188 @@
+"""MLflow layout (ARCHITECTURE.md): an experiment per sweep, a parent run for the sweep, a child
+run per trial, a child of the trial's run per evaluation.
+
+Parent links are set explicitly with the `mlflow.parentRunId` tag (Ray's and Optuna's own nesting
+is unreliable). A trial's run is found again by its `trial_id` tag, so a trial retried from its
+checkpoint, or resumed with the sweep, continues its run instead of starting a second one.
+
+Who ends a run: the trial itself, FINISHED when its search completes, FAILED with the reason when
+it diverges or raises; the driver (`RunFinalizer`, a Ray Tune callback) for what the trial cannot
+report: a trial stopped by the scheduler (FINISHED, tagged `early_stopped`), a trial whose process
+died for good (FAILED). Writes are retried while a sqlite store is locked by another writer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nas.config import flatten_mapping
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+T = TypeVar("T")
+# Files of a search's output directory that become artifacts of its run (not the checkpoint:
+# Ray keeps those).
+ARTIFACT_FILES = ("genotype.json", "config.json", "result.json")
+ARTIFACT_DIRS = ("cells", "plots")
+
+
+def resolve_tracking_uri(uri: str, base: str | os.PathLike | None = None) -> str:
+    """`auto` -> $MLFLOW_TRACKING_URI or sqlite:///<base>/runs/mlflow.db; relative sqlite and
+    file paths become absolute (trials run in other working directories)."""
+    base_dir = Path(base or os.getcwd()).resolve()
+    if uri == "auto":
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///runs/mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = base_dir / uri[len("sqlite:///") :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if "://" not in uri:  # a plain path: a sqlite database there
+        path = (base_dir / uri).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside it; a server decides for itself."""
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts")
+    return None
+
+
+def ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    return f"open {tracking_uri} in a browser (the MLflow server)"
+
+
+def retrying(fn: Callable[[], T], what: str, attempts: int = 12) -> T:
+    """Calls fn, retrying with backoff while the store is busy (sqlite locks, a restarting server)."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:  # MlflowException wraps sqlite and HTTP errors alike
+            text = str(err).lower()
+            transient = any(
+                k in text for k in ("locked", "busy", "timed out", "connection", "503", "502", "temporarily")
+            )
+            if not transient or attempt == attempts:
+                raise
+            log.warning("MLflow %s failed (%s); retry %d/%d in %.1fs", what, err, attempt, attempts, delay)
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 10.0)
+    raise AssertionError("unreachable")
+
+
+def client_for(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
+    experiment = retrying(lambda: client.get_experiment_by_name(name), "get experiment")
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            retrying(lambda: client.restore_experiment(experiment.experiment_id), "restore experiment")
+        return experiment.experiment_id
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    try:
+        return retrying(lambda: client.create_experiment(name, artifact_location=location), "create experiment")
+    except Exception:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def params_of(config: Mapping[str, Any], extra: Mapping[str, Any] = ()) -> dict[str, str]:
+    """Flattened settings as MLflow params (strings of at most 6000 characters)."""
+    flat = flatten_mapping(config)
+    flat.update(extra)
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in flat.items()}
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def log_params(client, run_id: str, params: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for chunk in _batches(items, 100):
+        retrying(lambda chunk=chunk: client.log_batch(run_id, params=chunk), "log params")
+
+
+def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+    for chunk in _batches(items, 1000):
+        retrying(lambda chunk=chunk: client.log_batch(run_id, metrics=chunk), "log metrics")
+
+
+def find_run(client, experiment_id: str, tags: Mapping[str, str]):
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=2), "search runs")
+    return runs[0] if runs else None
+
+
+class TrialRun:
+    """The MLflow run of one trial, opened (or re-opened) inside the trial's process."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None, trial_id: str):
+        self.client = client_for(tracking_uri)
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.trial_id = trial_id
+        self.run_id: str | None = None
+
+    def open(self, name: str, params: Mapping[str, str], tags: Mapping[str, str] = ()) -> str:
+        run = find_run(self.client, self.experiment_id, {"trial_id": self.trial_id})
+        if run is not None:
+            self.run_id = run.info.run_id
+            retrying(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run")
+            retrying(lambda: self.client.set_tag(self.run_id, "resumed", "true"), "tag run")
+            return self.run_id
+        all_tags = {"trial_id": self.trial_id, "kind": "trial", **tags}
+        if self.parent_run_id:
+            all_tags[PARENT_TAG] = self.parent_run_id
+        run = retrying(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name), "create run")
+        self.run_id = run.info.run_id
+        log_params(self.client, self.run_id, params)
+        return self.run_id
+
+    def log_epoch(self, metrics: Mapping[str, float], epoch: int) -> None:
+        log_metrics(self.client, self.run_id, metrics, epoch)
+
+    def log_final(self, metrics: Mapping[str, float], step: int) -> None:
+        log_metrics(self.client, self.run_id, metrics, step)
+
+    def log_artifacts(self, out_dir: str | os.PathLike) -> None:
+        out = Path(out_dir)
+        for name in ARTIFACT_FILES:
+            if (out / name).exists():
+                retrying(lambda name=name: self.client.log_artifact(self.run_id, str(out / name)), "log artifact")
+        for name in ARTIFACT_DIRS:
+            if (out / name).is_dir():
+                retrying(
+                    lambda name=name: self.client.log_artifacts(self.run_id, str(out / name), name), "log artifacts"
+                )
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            retrying(lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)[:5000]), "tag run")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        retrying(lambda: self.client.set_terminated(self.run_id, status), "end run")

@@ -1,0 +1,127 @@
+"""The Ray Tune trainable: one trial = one full `nas.run_search`, a thin adapter.
+
+Every epoch goes to Ray (its metrics, and the epoch's checkpoint, so that a trial whose process
+dies is retried from it) and to the trial's MLflow run. The last epoch is reported once, together
+with the discretization metrics, the derived network's size and the genotype: the trial's result.
+A search that diverges (NaN) ends its trial with that reason instead of being retried: it would
+diverge again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from nas.network import EvalNetwork, count_parameters
+from nas.search import CHECKPOINT, EpochEvent, SearchConfig, SearchDiverged, arch_lr_scale, run_search, steps_per_epoch
+
+from .config import FINAL_METRICS, method_label, trial_search
+from .tracking import TrialRun, params_of
+
+
+@dataclass
+class TrialSettings:
+    """What every trial of a sweep needs besides its sampled parameters (picklable)."""
+
+    sweep: str
+    search: dict[str, Any]  # fixed settings, data root resolved to an absolute path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None
+    objectives: tuple[str, ...]
+    cpus: float = 1.0
+    method_label: str | None = None
+
+
+def trial_name(method: str, config: SearchConfig, trial_id: str) -> str:
+    target = config.resolved_target().slug()
+    slug = re.sub(r"[^0-9A-Za-z.=]+", "-", method).strip("-")
+    return f"{slug}-{target}-seed{config.seed}-{trial_id}"
+
+
+def derived_params(genotype) -> int:
+    """Parameters of the derived architecture's CIFAR-10 evaluation network (20 cells, C=36, the
+    published convention: auxiliary head excluded)."""
+    return count_parameters(EvalNetwork(genotype, 36, 20, 10, auxiliary=False))
+
+
+def _report(metrics: Mapping[str, Any], checkpoint_file: Path | None) -> None:
+    if checkpoint_file is None or not checkpoint_file.exists():
+        tune.report(dict(metrics))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy2(checkpoint_file, Path(tmp) / CHECKPOINT)
+        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _restore_checkpoint(out_dir: Path) -> None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as saved:
+        shutil.copy2(Path(saved) / CHECKPOINT, out_dir / CHECKPOINT)
+    # A result.json left by an earlier attempt would describe a search that did not finish here.
+    (out_dir / "result.json").unlink(missing_ok=True)
+
+
+def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    config = SearchConfig.resolve(file=trial_search(settings.search, params))
+    torch.set_num_threads(max(1, int(settings.cpus)))
+    out_dir = Path(context.get_trial_dir()) / "search"
+    _restore_checkpoint(out_dir)
+
+    run = TrialRun(settings.tracking_uri, settings.experiment_id, settings.parent_run_id, trial_id)
+    method = method_label(settings.method_label, config.to_dict())
+    extras = {
+        "method": method,
+        "target": config.resolved_target().describe(),
+        "trial_id": trial_id,
+        "arch_lr_scale_effective": round(arch_lr_scale(config, steps_per_epoch(config)), 6),
+    }
+    run.open(trial_name(method, config, trial_id), params_of(config.to_dict(), extras), {"sweep": settings.sweep})
+    last: dict[str, Any] = {}
+
+    def on_epoch(event: EpochEvent) -> None:
+        run.log_epoch(event.metrics, event.epoch)
+        metrics = {**event.metrics, "epoch": event.epoch, "mlflow_run_id": run.run_id}
+        if event.epoch == event.epochs:
+            last.update(metrics)  # reported with the final metrics, as one result
+        else:
+            _report(metrics, event.checkpoint_path)
+
+    try:
+        result = run_search(config, out_dir, callbacks=[on_epoch])
+    except SearchDiverged as err:
+        run.set_tags({"failure": str(err), "diverged": "true"})
+        run.finish("FAILED")
+        nan = {name: math.nan for name in settings.objectives}
+        tune.report({**nan, "diverged": 1.0, "failure": str(err), "mlflow_run_id": run.run_id})
+        return
+    except Exception as err:
+        run.set_tags({"failure": f"{type(err).__name__}: {err}"})
+        run.finish("FAILED")
+        raise
+
+    final = {k: v for k, v in result.metrics.items() if k in FINAL_METRICS}
+    final["params"] = float(derived_params(result.genotype))
+    final["search_seconds"] = result.info.get("seconds", math.nan)
+    run.log_final(final, config.epochs)
+    run.log_artifacts(out_dir)
+    run.set_tags({"genotype": result.genotype.describe(), "target": result.info["target"], "method": method})
+    run.finish("FINISHED")
+    report = {**last, **final, "genotype": json.dumps(result.genotype.to_dict()["levels"]), "diverged": 0.0}
+    report.setdefault("mlflow_run_id", run.run_id)
+    _report(report, out_dir / CHECKPOINT)
