@@ -66,15 +66,16 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a sweep field, e.g. num_samples=8 or search.epochs=2")  # fmt: skip
-    parser.add_argument("-q", "--quiet", action="store_true", help="less output from Ray Tune")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the summary")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("tuning").setLevel(logging.WARNING if args.quiet else logging.INFO)
 
     try:
         sweep = SweepConfig.load(args.sweep, args.overrides)
         from tuning.sweep import run_sweep
 
-        outcome = run_sweep(sweep, resume=args.resume, address=args.address, verbose=0 if args.quiet else 1)
+        outcome = run_sweep(sweep, resume=args.resume, address=args.address)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

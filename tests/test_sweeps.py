@@ -53,7 +53,7 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
     # beta.lr 1e30 overflows DA2S's beta (Adam's weight-decay term squared); DARTS has no beta.
     space = {"preset": {"choices": ["darts", "da2s"]}, "beta.lr": {"choices": [3e-4, 1e30]}}
     sweep = SweepConfig.from_dict(sweep_dict(tmp_path, "e2e", space=space))
-    outcome = run_sweep(sweep, base_dir=tmp_path, verbose=0)
+    outcome = run_sweep(sweep, base_dir=tmp_path)
 
     statuses = sorted((t.params["preset"], t.params["beta.lr"], t.status) for t in outcome.trials)
     assert statuses == [
@@ -146,7 +146,7 @@ def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray
 
     killer = threading.Thread(target=kill_after_second_epoch, daemon=True)
     killer.start()
-    outcome = run_sweep(sweep, base_dir=tmp_path, verbose=0)
+    outcome = run_sweep(sweep, base_dir=tmp_path)
     killer.join(timeout=5)
     assert killed, "the trial finished before it could be killed"
     (trial,) = outcome.trials
@@ -167,3 +167,60 @@ def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray
         torch.set_num_threads(threads)
     assert json.loads(trial.metrics["genotype"]) == straight.genotype.to_dict()["levels"]
     assert trial.metrics["discretized_acc"] == pytest.approx(straight.metrics["discretized_acc"])
+
+
+def test_multi_objective_sweep_with_asha_and_its_report(tmp_path, local_ray):
+    import subprocess
+    import sys
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from tuning.sweep import run_sweep
+
+    search = tiny_search_config(epochs=3)
+    search.pop("device")
+    sweep = SweepConfig.from_dict(
+        sweep_dict(
+            tmp_path,
+            "moo",
+            search=search,
+            space={"preset": {"choices": ["darts", "da2s"]}, "seed": {"type": "int", "low": 0, "high": 1000}},
+            objective=[{"metric": "discretized_acc", "mode": "max"}, {"metric": "params", "mode": "min"}],
+            sampler={"type": "nsga2", "seed": 0},
+            scheduler={"type": "asha", "metric": "valid_acc", "grace_period": 1, "reduction_factor": 2},
+            num_samples=4,
+        )
+    )
+    outcome = run_sweep(sweep, base_dir=tmp_path)
+    assert len(outcome.trials) == 4 and not outcome.interrupted
+
+    client = MlflowClient(outcome.tracking_uri)
+    trials = [r for r in client.search_runs([outcome.experiment_id]) if r.data.tags.get("kind") == "trial"]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)  # none left RUNNING
+    for run in trials:  # every trial either ran to its end or carries the scheduler's stop
+        assert ("params" in run.data.metrics) != (run.data.tags.get("early_stopped") == "true")
+
+    study = optuna.load_study(
+        study_name="moo", storage=JournalStorage(JournalFileBackend(str(outcome.experiment_dir / "optuna.journal")))
+    )
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert complete and all(len(t.values) == 2 for t in complete)
+    assert len(study.trials) == 4 and len(complete) == sum("params" in r.data.metrics for r in trials)
+
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "sweeps" / "report.py"), "moo",
+         "--tracking-uri", outcome.tracking_uri, "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| method | target | n |" in done.stdout and (out / "drops.png").stat().st_size > 10_000
+    csv = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "sweeps" / "report.py"), "moo",
+         "--tracking-uri", outcome.tracking_uri, "--csv"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert csv.stdout.startswith("method,target,n,supernet_acc_mean,supernet_acc_std")

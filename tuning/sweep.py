@@ -82,6 +82,47 @@ class RunFinalizer(tune.Callback):
             retrying(lambda: client.set_terminated(run.info.run_id, "FAILED"), "end run")
 
 
+class ProgressPrinter(tune.Callback):
+    """One line per trial event on the driver's log: start, each epoch, end, failure, retry."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    @staticmethod
+    def _name(trial) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in (trial.config or {}).items())
+        return f"{trial.trial_id} ({settings})"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        log.info("started   %s", self._name(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result and "valid_acc" in result:
+            log.info(
+                "%s epoch %d/%d: supernet %.2f%%, discretized %.2f%% (%.0fs)",
+                trial.trial_id, result["epoch"], self.epochs, result["valid_acc"],
+                result.get("discretized_acc", float("nan")), result.get("seconds", float("nan")),
+            )  # fmt: skip
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if result.get("diverged"):
+            log.warning("diverged  %s: %s", self._name(trial), result.get("failure"))
+        elif "supernet_acc" in result:
+            log.info(
+                "finished  %s: supernet %.2f%%, discretized %.2f%%, drop %.2f",
+                self._name(trial), result["supernet_acc"], result["discretized_acc"], result["drop"],
+            )  # fmt: skip
+        else:
+            log.info("stopped   %s by the scheduler", self._name(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        log.warning("failed    %s: %s", self._name(trial), _error_text(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        log.warning("retrying  %s from its last checkpoint: its process failed", self._name(trial))
+
+
 def _error_text(trial) -> str:
     path = getattr(trial, "error_file", None)
     if path and os.path.exists(path):
@@ -152,7 +193,6 @@ def _init_ray(address: str | None) -> None:
     # Objectives such as `params` or `drop_bn_recal` exist only in a trial's final result; the
     # searcher (SweepSearch) reads final results only, so per-epoch results need not carry them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
     if address:
@@ -228,7 +268,6 @@ def run_sweep(
     resume: bool = False,
     address: str | None = None,
     base_dir: str | os.PathLike | None = None,
-    verbose: int = 1,
 ) -> SweepOutcome:
     base = Path(base_dir or os.getcwd()).resolve()
     storage = _storage_dir(sweep, base)
@@ -303,8 +342,12 @@ def run_sweep(
                     storage_path=storage,
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[RunFinalizer(tracking_uri, experiment_id)],
-                    verbose=verbose,
+                    callbacks=[
+                        RunFinalizer(tracking_uri, experiment_id),
+                        ProgressPrinter(sweep.resolve_trial({}).epochs),
+                    ],
+                    # Ray's own status table stays off: ProgressPrinter reports what matters here.
+                    verbose=0,
                 ),
             )
         results = tuner.fit()

@@ -10,6 +10,7 @@ diverge again.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -76,6 +77,9 @@ def _restore_checkpoint(out_dir: Path) -> None:
 
 
 def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
+    # Ray logs every checkpoint it stores; the driver's progress lines say what a user needs.
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     context = tune.get_context()
     trial_id = context.get_trial_id()
     config = SearchConfig.resolve(file=trial_search(settings.search, params))
