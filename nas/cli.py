@@ -1,4 +1,5 @@
-"""`python -m nas search|derive ...`: one search, or one re-derivation, without Ray or MLflow."""
+"""`python -m nas search|derive|info|evaluate ...`: one search, one re-derivation, the size of a
+genotype's network, or its training from scratch, without Ray or MLflow."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from collections.abc import Sequence
 
 from .config import ConfigError
 from .data import DataNotFoundError
+from .evaluate import MOBILE_MACS, EvalConfig, run_evaluation
+from .genotype import PUBLISHED, resolve_genotype
+from .network import network_info
 from .search import SearchConfig, SearchDiverged, rederive, run_search
 
 METRIC_ROWS = (
@@ -55,6 +59,30 @@ def _parser() -> argparse.ArgumentParser:
     derive.add_argument("--data-root", help="CIFAR-10 directory, if not the one the search used")
     derive.add_argument("--device", choices=("auto", "cpu", "cuda"))
     derive.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    info = sub.add_parser("info", help="parameters and multiply-adds of a genotype's evaluation network")
+    info.add_argument(
+        "genotype", help=f"a genotype JSON file, a search's output directory, or one of: {', '.join(PUBLISHED)}"
+    )
+    info.add_argument("--dataset", choices=("cifar10", "imagenet"), default="cifar10")
+    info.add_argument("--layers", type=int, help="cells (default: 20 on CIFAR-10, 14 on ImageNet)")
+    info.add_argument("--channels", type=int, help="initial channels (default: 36 on CIFAR-10, 48 on ImageNet)")
+    info.add_argument("--json", action="store_true", help="print a JSON object")
+
+    evaluate = sub.add_parser(
+        "evaluate", help="train a genotype's network from scratch (the paper's protocol by default)"
+    )
+    evaluate.add_argument(
+        "genotype", help=f"a genotype JSON file, a search's output directory, or one of: {', '.join(PUBLISHED)}"
+    )
+    evaluate.add_argument("--dataset", choices=("cifar10", "imagenet"))
+    evaluate.add_argument("--out", required=True, help="output directory: checkpoint every epoch, result.json")
+    evaluate.add_argument("--config", help="YAML file of evaluation settings (optional)")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a field, e.g. epochs=20 or layers=8")  # fmt: skip
+    evaluate.add_argument("--data-root", help="CIFAR-10 or ImageNet directory")
+    evaluate.add_argument("--no-resume", action="store_true")
+    evaluate.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
@@ -76,6 +104,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(f"genotype ({genotype.meta['target']}):\n{genotype.describe()}\n")
                 print(metrics_table(metrics))
+        elif args.command == "info":
+            details = network_info(resolve_genotype(args.genotype), args.dataset, args.layers, args.channels)
+            details["mobile_setting_ok"] = args.dataset != "imagenet" or details["macs"] <= MOBILE_MACS
+            if args.json:
+                print(json.dumps(details))
+            else:
+                flag = "" if details["mobile_setting_ok"] else "  (above the 600M mobile setting)"
+                print(
+                    f"{args.genotype} on {args.dataset}: {details['layers']} cells, C={details['channels']}: "
+                    f"{details['params'] / 1e6:.2f}M parameters (auxiliary head excluded), "
+                    f"{details['macs'] / 1e6:.0f}M multiply-adds{flag}"
+                )
+        elif args.command == "evaluate":
+            genotype = resolve_genotype(args.genotype)
+            config = EvalConfig.resolve(args.dataset, args.config, args.overrides, args.data_root)
+            result = run_evaluation(genotype, config, args.out, progress=not quiet, resume=not args.no_resume)
+            m = result.metrics
+            print(
+                f"test error {m['test_top1_error']:.2f}% (top-5 {m['test_top5_error']:.2f}%), "
+                f"{m['params'] / 1e6:.2f}M parameters, {m['macs'] / 1e6:.0f}M multiply-adds; results in {args.out}/result.json"
+            )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

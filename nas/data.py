@@ -252,15 +252,15 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
 
 
 def cutout(images: torch.Tensor, generator: torch.Generator, length: int) -> torch.Tensor:
-    """Zeroes one length x length square per (normalised) image, clipped at the borders."""
+    """Zeroes one length x length square per (normalised) image: rows and columns
+    [centre - length/2, centre + length/2), clipped at the borders (the DARTS Cutout)."""
     n, _, h, w = images.shape
-    centre = torch.stack(
-        [torch.randint(0, h, (n,), generator=generator), torch.randint(0, w, (n,), generator=generator)]
-    )
-    centre = centre.to(images.device)
+    rows_at = torch.randint(0, h, (n,), generator=generator).to(images.device)[:, None, None]
+    cols_at = torch.randint(0, w, (n,), generator=generator).to(images.device)[:, None, None]
     ys = torch.arange(h, device=images.device)[None, :, None]
     xs = torch.arange(w, device=images.device)[None, None, :]
-    inside = ((ys - centre[0, :, None, None]).abs() * 2 < length) & ((xs - centre[1, :, None, None]).abs() * 2 < length)
+    half = length // 2
+    inside = (ys >= rows_at - half) & (ys < rows_at + half) & (xs >= cols_at - half) & (xs < cols_at + half)
     return images * (~inside)[:, None].to(images.dtype)
 
 

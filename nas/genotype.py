@@ -169,53 +169,61 @@ def _darts(normal: list, reduce: list) -> Genotype:
     )
 
 
-# Published cells of the DARTS paper (quark0/darts genotypes.py): first and second order.
+# Published cells (their repositories' genotypes.py): DARTS first and second order (quark0/darts),
+# P-DARTS (chenxin061/pdarts), PC-DARTS searched on CIFAR-10 and on ImageNet (yuhuixu1993/PC-DARTS).
 PUBLISHED: dict[str, Genotype] = {
     "darts_v1": _darts(
-        [
-            ("sep_conv_3x3", 1),
-            ("sep_conv_3x3", 0),
-            ("skip_connect", 0),
-            ("sep_conv_3x3", 1),
-            ("skip_connect", 0),
-            ("sep_conv_3x3", 1),
-            ("sep_conv_3x3", 0),
-            ("skip_connect", 2),
-        ],
-        [
-            ("max_pool_3x3", 0),
-            ("max_pool_3x3", 1),
-            ("skip_connect", 2),
-            ("max_pool_3x3", 0),
-            ("max_pool_3x3", 0),
-            ("skip_connect", 2),
-            ("skip_connect", 2),
-            ("avg_pool_3x3", 0),
-        ],
+        [("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 1),
+         ("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 2)],
+        [("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 0),
+         ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("avg_pool_3x3", 0)],
     ),
     "darts_v2": _darts(
-        [
-            ("sep_conv_3x3", 0),
-            ("sep_conv_3x3", 1),
-            ("sep_conv_3x3", 0),
-            ("sep_conv_3x3", 1),
-            ("sep_conv_3x3", 1),
-            ("skip_connect", 0),
-            ("skip_connect", 0),
-            ("dil_conv_3x3", 2),
-        ],
-        [
-            ("max_pool_3x3", 0),
-            ("max_pool_3x3", 1),
-            ("skip_connect", 2),
-            ("max_pool_3x3", 1),
-            ("max_pool_3x3", 0),
-            ("skip_connect", 2),
-            ("skip_connect", 2),
-            ("max_pool_3x3", 1),
-        ],
+        [("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+         ("sep_conv_3x3", 1), ("skip_connect", 0), ("skip_connect", 0), ("dil_conv_3x3", 2)],
+        [("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 1),
+         ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1)],
     ),
-}
+    "pdarts": _darts(
+        [("skip_connect", 0), ("dil_conv_3x3", 1), ("skip_connect", 0), ("sep_conv_3x3", 1),
+         ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 0), ("dil_conv_5x5", 4)],
+        [("avg_pool_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_3x3", 0), ("dil_conv_5x5", 2),
+         ("max_pool_3x3", 0), ("dil_conv_3x3", 1), ("dil_conv_3x3", 1), ("dil_conv_5x5", 3)],
+    ),
+    "pc_darts_cifar": _darts(
+        [("sep_conv_3x3", 1), ("skip_connect", 0), ("sep_conv_3x3", 0), ("dil_conv_3x3", 1),
+         ("sep_conv_5x5", 0), ("sep_conv_3x3", 1), ("avg_pool_3x3", 0), ("dil_conv_3x3", 1)],
+        [("sep_conv_5x5", 1), ("max_pool_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_5x5", 2),
+         ("sep_conv_3x3", 0), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2)],
+    ),
+    "pc_darts_imagenet": _darts(
+        [("skip_connect", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 0), ("skip_connect", 1),
+         ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("dil_conv_5x5", 4)],
+        [("sep_conv_3x3", 0), ("skip_connect", 1), ("dil_conv_5x5", 2), ("max_pool_3x3", 1),
+         ("sep_conv_3x3", 2), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0), ("sep_conv_3x3", 3)],
+    ),
+}  # fmt: skip
+
+
+def resolve_genotype(spec: str | os.PathLike) -> Genotype:
+    """A published genotype by name, a genotype JSON file, or a search's output directory."""
+    text = str(spec)
+    if text in PUBLISHED:
+        return PUBLISHED[text]
+    path = Path(text)
+    if path.is_dir():
+        for name in ("genotype.json", "result.json"):
+            if (path / name).exists():
+                data = json.loads((path / name).read_text(encoding="utf-8"))
+                return Genotype.from_dict(data.get("genotype", data), str(path / name))
+        raise ConfigError("GENOTYPE", text, "is a directory without genotype.json or result.json")
+    if path.is_file():
+        return Genotype.load(path)
+    raise ConfigError(
+        "GENOTYPE",
+        text,
+        f"expected a published name ({', '.join(PUBLISHED)}), a genotype JSON file or a search's output directory",
+    )
 
 
 def select_edges(

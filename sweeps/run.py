@@ -84,6 +84,14 @@ def main(argv=None) -> int:
         return 1
 
     print_summary(outcome, sweep)
+    if outcome.evaluations:
+        print(f"\n{'evaluation':28s} {'status':10s} {'top-1 err':>9s} {'top-5 err':>9s} {'params M':>8s}")
+        for e in outcome.evaluations:
+            m = e.metrics
+            print(
+                f"{e.eval_id:28s} {e.status:10s} {_fmt(m.get('test_top1_error')):>9s} {_fmt(m.get('test_top5_error')):>9s} "
+                f"{_fmt(m['params'] / 1e6 if m.get('params') else None):>8s}  {e.error or ''}"
+            )
     print(f"\nRay results:  {outcome.experiment_dir}")
     print(f"MLflow:       {outcome.tracking_uri}  (experiment '{sweep.mlflow.experiment or sweep.name}')")
     print(f"Open the UI:  {ui_command(outcome.tracking_uri)}")

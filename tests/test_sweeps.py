@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_search_config
+from conftest import real_data_root, tiny_search_config
 from mlflow.tracking import MlflowClient
 
 from nas.search import SearchConfig, run_search
 from tuning.config import SweepConfig
-from tuning.report import load_trials, summarise, table4
+from tuning.report import load_trials, markdown_table, summarise, table4
 
 ray = pytest.importorskip("ray")
 
@@ -52,7 +52,10 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
 
     # beta.lr 1e30 overflows DA2S's beta (Adam's weight-decay term squared); DARTS has no beta.
     space = {"preset": {"choices": ["darts", "da2s"]}, "beta.lr": {"choices": [3e-4, 1e30]}}
-    sweep = SweepConfig.from_dict(sweep_dict(tmp_path, "e2e", space=space))
+    settings = {"epochs": 1, "layers": 5, "channels": 8, "batch_size": 64, "device": "cpu",
+                "data": {"subset": 256, "test_subset": 128, "synthetic": real_data_root() is None, "download": False}}  # fmt: skip
+    evaluate = {"top": 2, "by": "discretized_acc", "settings": settings}
+    sweep = SweepConfig.from_dict(sweep_dict(tmp_path, "e2e", space=space, evaluate=evaluate))
     outcome = run_sweep(sweep, base_dir=tmp_path)
 
     statuses = sorted((t.params["preset"], t.params["beta.lr"], t.status) for t in outcome.trials)
@@ -102,12 +105,27 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
         )
         assert sum(len(node) for node in genotype["levels"]["normal"]["nodes"]) == 8
 
+    # The evaluation stage: the two best trials by discretized accuracy, each a child of its trial's run.
+    evaluations = [r for r in runs if r.data.tags.get("kind") == "evaluation"]
+    best = sorted((t for t in outcome.trials if t.status == "TERMINATED"), key=lambda t: -t.metrics["discretized_acc"])[
+        :2
+    ]
+    assert len(evaluations) == 2 and all(r.info.status == "FINISHED" for r in evaluations)
+    assert {r.data.tags["mlflow.parentRunId"] for r in evaluations} == {t.metrics["mlflow_run_id"] for t in best}
+    for run in evaluations:
+        assert run.data.params["layers"] == "5" and run.data.tags["dataset"] == "cifar10"
+        assert 0 <= run.data.metrics["test_top1_error"] <= 100 and run.data.metrics["params"] > 0
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+        assert {"result.json", "genotype.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert sorted(e.status for e in outcome.evaluations) == ["FINISHED", "FINISHED"]
+
     finished, other = load_trials(outcome.tracking_uri, "e2e")
     assert len(finished) == 3 and len(other) == 1
     rows = {(r.method, r.target): r for r in summarise(finished)}
     assert rows[("darts", "[2, 2, 2, 2]")].n == 2 and rows[("da2s", "[2, 2, 2, 2]")].n == 1
     table = table4(list(rows.values()))
     assert "darts supernet" in table and "da2s drop" in table
+    assert "CIFAR-10 test error" in markdown_table(list(rows.values()))
 
 
 def _worker_pids() -> list[int]:
@@ -165,7 +183,7 @@ def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray
         straight = run_search(SearchConfig.resolve("da2s", search), artifacts=False)
     finally:
         torch.set_num_threads(threads)
-    assert json.loads(trial.metrics["genotype"]) == straight.genotype.to_dict()["levels"]
+    assert json.loads(trial.metrics["genotype"])["levels"] == straight.genotype.to_dict()["levels"]
     assert trial.metrics["discretized_acc"] == pytest.approx(straight.metrics["discretized_acc"])
 
 

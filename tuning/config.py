@@ -148,6 +148,31 @@ class ResourcesConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The evaluation stage: after the search trials, train the derived architectures from scratch."""
+
+    top: int | None = field(default=None, metadata={"min": 1})  # the best k trials; null: all finished
+    by: str | None = None  # the metric ranking the trials (default: the first objective)
+    mode: Literal["max", "min"] | None = None
+    datasets: tuple[Literal["cifar10", "imagenet"], ...] = ("cifar10",)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    settings: dict[str, Any] = field(default_factory=dict)  # nas.evaluate.EvalConfig fields
+
+    def validate(self, path: str) -> None:
+        from nas.evaluate import EvalConfig
+
+        if self.by is not None and self.by not in (*FINAL_METRICS, *EPOCH_METRICS):
+            raise ConfigError(f"{path}.by", self.by, f"expected one of {', '.join(FINAL_METRICS)}")
+        if not self.datasets:
+            raise ConfigError(f"{path}.datasets", [], "name at least one of cifar10, imagenet")
+        for dataset in self.datasets:
+            try:
+                EvalConfig.resolve(dataset, self.settings)
+            except ConfigError as err:
+                raise ConfigError(f"{path}.settings.{err.field}", err.value, err.allowed) from None
+
+
+@dataclass
 class MlflowConfig:
     # `auto`: $MLFLOW_TRACKING_URI if set (the cluster's head sets it), else a sqlite store in
     # runs/mlflow.db under the working directory. Relative sqlite paths are made absolute.
@@ -175,7 +200,7 @@ class SweepConfig:
     # How the report names a trial's method, e.g. "{alpha_sharing}, H={loss.op_entropy.weight}";
     # fields in braces are dotted SearchConfig fields. Default: the preset's name.
     method_label: str | None = None
-    evaluate: dict[str, Any] | None = None
+    evaluate: EvaluateConfig | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -231,6 +256,10 @@ class SweepConfig:
                 "needs at least one parameter (use the grid sampler with one choice for a single configuration)",
             )
         self.check_search_configs()
+        if self.evaluate is not None:
+            if self.evaluate.by is None:
+                self.evaluate.by, self.evaluate.mode = objectives[0].metric, self.evaluate.mode or objectives[0].mode
+            self.evaluate.mode = self.evaluate.mode or "max"
         if self.method_label:
             try:
                 method_label(self.method_label, self.resolve_trial({}).to_dict())

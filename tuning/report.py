@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tracking import client_for, retrying
+from .tracking import PARENT_TAG, client_for, retrying
 
 COLUMNS = (
     ("supernet_acc", "supernet"),
@@ -29,6 +29,8 @@ COLUMNS = (
     ("params", "params (M)"),
 )
 METHOD_ORDER = ("darts", "da2s", "multilevel")
+# Test errors of the evaluation stage, when the sweep had one (joined to trials by parent run).
+EVAL_COLUMNS = (("cifar10_test_error", "CIFAR-10 test error"), ("imagenet_test_error", "ImageNet top-1 error"))
 
 
 @dataclass
@@ -80,6 +82,18 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], 
         token = page.token
         if not token:
             break
+    evaluations = retrying(
+        lambda: client.search_runs(
+            [found.experiment_id], "tags.kind = 'evaluation' and attributes.status = 'FINISHED'", max_results=5000
+        ),
+        "search runs",
+    )
+    errors: dict[str, dict[str, float]] = defaultdict(dict)
+    for run in evaluations:
+        parent = run.data.tags.get(PARENT_TAG)
+        dataset = run.data.tags.get("dataset", run.data.params.get("dataset"))
+        if parent and "test_top1_error" in run.data.metrics:
+            errors[parent][f"{dataset}_test_error"] = run.data.metrics["test_top1_error"]
     finished, other = [], []
     for run in runs:
         params, tags = run.data.params, run.data.tags
@@ -90,7 +104,7 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], 
             params.get("target", "?"),
             params.get("seed", "?"),
             run.info.status,
-            dict(run.data.metrics),
+            {**run.data.metrics, **errors.get(run.info.run_id, {})},
             dict(params),
             dict(tags),
         )
@@ -105,7 +119,9 @@ def summarise(trials: Sequence[TrialRecord]) -> list[Row]:
         groups[(trial.method, trial.target)].append(trial)
     rows = []
     for (method, target), members in groups.items():
-        values = {metric: [t.metrics[metric] for t in members if metric in t.metrics] for metric, _ in COLUMNS}
+        values = {
+            metric: [t.metrics[metric] for t in members if metric in t.metrics] for metric, _ in COLUMNS + EVAL_COLUMNS
+        }
         values["params"] = [v / 1e6 for v in values["params"]]
         rows.append(Row(method, target, len(members), values))
     method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
@@ -127,13 +143,19 @@ def _cell(row: Row, metric: str) -> str:
     return f"{mean:.2f} ± {std:.2f}" if row.n > 1 else f"{mean:.2f}"
 
 
+def _columns(rows: Sequence[Row]) -> tuple[tuple[str, str], ...]:
+    """The search columns, and the evaluation columns that have values."""
+    present = tuple((m, label) for m, label in EVAL_COLUMNS if any(r.values.get(m) for r in rows))
+    return COLUMNS + present
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-    header = ["method", "target", "n", *(label for _, label in COLUMNS)]
+    columns = _columns(rows)
+    header = ["method", "target", "n", *(label for _, label in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
-        lines.append(
-            "| " + " | ".join([row.method, row.target, str(row.n), *(_cell(row, m) for m, _ in COLUMNS)]) + " |"
-        )
+        cells = [row.method, row.target, str(row.n), *(_cell(row, m) for m, _ in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -161,13 +183,14 @@ def table4(rows: Sequence[Row]) -> str:
 def csv_table(rows: Sequence[Row]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
+    columns = _columns(rows)
     header = ["method", "target", "n"]
-    for metric, _ in COLUMNS:
+    for metric, _ in columns:
         header += [f"{metric}_mean", f"{metric}_std"]
     writer.writerow(header)
     for row in rows:
         cells = [row.method, row.target, row.n]
-        for metric, _ in COLUMNS:
+        for metric, _ in columns:
             mean, std = row.stat(metric)
             cells += [f"{mean:.4f}", f"{std:.4f}"]
         writer.writerow(cells)

@@ -27,9 +27,9 @@ from nas.config import ConfigError
 from nas.data import load_cifar10, resolve_root
 
 from .config import SweepConfig
+from .evaluation import run_evaluation_stage
 from .space import SpaceSampler, make_sampler
 from .tracking import (
-    PARENT_TAG,
     client_for,
     ensure_experiment,
     find_run,
@@ -148,6 +148,7 @@ class SweepOutcome:
     experiment_id: str
     parent_run_id: str
     trials: list[TrialSummary] = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
     interrupted: bool = False
 
 
@@ -253,8 +254,9 @@ def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: 
     return run_id
 
 
-def _end_open_trial_runs(client, experiment_id: str, parent_run_id: str, status: str, reason: str) -> int:
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+def _end_open_runs(client, experiment_id: str, sweep_name: str, status: str, reason: str) -> int:
+    """Ends the sweep's trial and evaluation runs left RUNNING (they re-open when resumed)."""
+    query = f"tags.sweep = '{sweep_name}' and attributes.status = 'RUNNING'"
     runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=1000), "search runs")
     for run in runs:
         retrying(lambda run=run: client.set_tag(run.info.run_id, "interrupted", reason), "tag run")
@@ -365,13 +367,17 @@ def run_sweep(
             trial_id = result.metrics.get("trial_id") or Path(result.path).name
             error = str(result.error).strip().splitlines()[-1] if result.error else result.metrics.get("failure")
             outcome.trials.append(TrialSummary(trial_id, status, config, dict(result.metrics), error))
-        finished = sum(t.status != "ERROR" for t in outcome.trials)
-        outcome.interrupted = interrupted or (finished + sum(t.status == "ERROR" for t in outcome.trials)) < (
-            sweep.num_samples or 0
-        )
+        outcome.interrupted = interrupted or len(outcome.trials) < (sweep.num_samples or 0)
+    if not outcome.interrupted and sweep.evaluate is not None:
+        try:
+            outcome.evaluations = run_evaluation_stage(
+                sweep, outcome.trials, experiment_dir, tracking_uri, experiment_id
+            )
+        except KeyboardInterrupt:
+            outcome.interrupted = True
     if outcome.interrupted:
-        count = _end_open_trial_runs(
-            client, experiment_id, parent_run_id, "KILLED", "sweep interrupted; resume it with --resume"
+        count = _end_open_runs(
+            client, experiment_id, sweep.name, "KILLED", "sweep interrupted; resume it with --resume"
         )
         retrying(lambda: client.set_tag(parent_run_id, "interrupted", "true"), "tag sweep run")
         retrying(lambda: client.set_terminated(parent_run_id, "KILLED"), "end sweep run")

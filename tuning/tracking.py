@@ -138,28 +138,31 @@ def find_run(client, experiment_id: str, tags: Mapping[str, str]):
     return runs[0] if runs else None
 
 
-class TrialRun:
-    """The MLflow run of one trial, opened (or re-opened) inside the trial's process."""
+class TrackedRun:
+    """An MLflow run identified by one tag (`trial_id` for a trial, `eval_id` for an evaluation),
+    opened, or re-opened, in the process that does the work."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None, trial_id: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None, key: str, value: str):
         self.client = client_for(tracking_uri)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.trial_id = trial_id
+        self.key, self.value = key, value
         self.run_id: str | None = None
+        self.status: str | None = None
 
     def open(self, name: str, params: Mapping[str, str], tags: Mapping[str, str] = ()) -> str:
-        run = find_run(self.client, self.experiment_id, {"trial_id": self.trial_id})
+        run = find_run(self.client, self.experiment_id, {self.key: self.value})
         if run is not None:
-            self.run_id = run.info.run_id
-            retrying(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run")
-            retrying(lambda: self.client.set_tag(self.run_id, "resumed", "true"), "tag run")
+            self.run_id, self.status = run.info.run_id, run.info.status
+            if self.status != "FINISHED":
+                retrying(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run")
+                retrying(lambda: self.client.set_tag(self.run_id, "resumed", "true"), "tag run")
             return self.run_id
-        all_tags = {"trial_id": self.trial_id, "kind": "trial", **tags}
+        all_tags = {self.key: self.value, **tags}
         if self.parent_run_id:
             all_tags[PARENT_TAG] = self.parent_run_id
         run = retrying(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name), "create run")
-        self.run_id = run.info.run_id
+        self.run_id, self.status = run.info.run_id, "RUNNING"
         log_params(self.client, self.run_id, params)
         return self.run_id
 
@@ -186,3 +189,8 @@ class TrialRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         retrying(lambda: self.client.set_terminated(self.run_id, status), "end run")
+        self.status = status
+
+
+def TrialRun(tracking_uri: str, experiment_id: str, parent_run_id: str | None, trial_id: str) -> TrackedRun:
+    return TrackedRun(tracking_uri, experiment_id, parent_run_id, "trial_id", trial_id)

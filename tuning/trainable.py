@@ -95,7 +95,11 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         "trial_id": trial_id,
         "arch_lr_scale_effective": round(arch_lr_scale(config, steps_per_epoch(config)), 6),
     }
-    run.open(trial_name(method, config, trial_id), params_of(config.to_dict(), extras), {"sweep": settings.sweep})
+    run.open(
+        trial_name(method, config, trial_id),
+        params_of(config.to_dict(), extras),
+        {"sweep": settings.sweep, "kind": "trial"},
+    )
     last: dict[str, Any] = {}
 
     def on_epoch(event: EpochEvent) -> None:
@@ -126,6 +130,6 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     run.log_artifacts(out_dir)
     run.set_tags({"genotype": result.genotype.describe(), "target": result.info["target"], "method": method})
     run.finish("FINISHED")
-    report = {**last, **final, "genotype": json.dumps(result.genotype.to_dict()["levels"]), "diverged": 0.0}
+    report = {**last, **final, "genotype": json.dumps(result.genotype.to_dict()), "diverged": 0.0}
     report.setdefault("mlflow_run_id", run.run_id)
     _report(report, out_dir / CHECKPOINT)
