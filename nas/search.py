@@ -459,6 +459,26 @@ def _diagnostics(search: Search, genotype: Genotype) -> dict[str, Any]:
     return record
 
 
+def convergence_metrics(arch: Architecture, genotype: Genotype) -> dict[str, float]:
+    """How far the architecture moved: `max_op_weight`, the mean over edges and levels of the
+    largest op weight (1: one-hot, 1/ops: uniform); with beta, `kept_edge_share`, the mean over edge
+    groups of the share of the group's edge weight that its kept edges hold (1: the dropped edges
+    already weigh nothing, as discretization assumes)."""
+    with torch.no_grad():
+        op_weights = arch.op_weights()
+        metrics = {"max_op_weight": torch.stack([w.max(dim=1).values.mean() for w in op_weights]).mean().item()}
+        shares = []
+        for level, cell in enumerate(genotype.levels.values()):
+            kept = {arch.space.node_edges(j).start + i for j, node in enumerate(cell.nodes) for _, i in node}
+            weights = arch.level_edge_weights(level)
+            for group, _ in arch.beta_groups(level):
+                total = sum(float(weights[e]) for e in group.edges)
+                shares.append(sum(float(weights[e]) for e in group.edges if e in kept) / total)
+        if shares:
+            metrics["kept_edge_share"] = sum(shares) / len(shares)
+    return metrics
+
+
 def _flat_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     metrics = {
         key: float(record[key])
@@ -662,6 +682,7 @@ def run_search(
         batch_size=config.batch_size,
         seed=config.seed,
     )
+    metrics.update(convergence_metrics(search.arch, genotype))
     info = {
         "target": search.target.describe(),
         "method": config.method(),

@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from nas.config import ConfigError  # noqa: E402
 from nas.data import DataNotFoundError  # noqa: E402
 from tuning.config import SweepConfig  # noqa: E402
-from tuning.tracking import ui_command  # noqa: E402
+from tuning.tracking import redact, ui_command  # noqa: E402
 
 
 def _fmt(value, digits=2) -> str:
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                 f"{_fmt(m['params'] / 1e6 if m.get('params') else None):>8s}  {e.error or ''}"
             )
     print(f"\nRay results:  {outcome.experiment_dir}")
-    print(f"MLflow:       {outcome.tracking_uri}  (experiment '{sweep.mlflow.experiment or sweep.name}')")
+    print(f"MLflow:       {redact(outcome.tracking_uri)}  (experiment '{sweep.mlflow.experiment or sweep.name}')")
     print(f"Open the UI:  {ui_command(outcome.tracking_uri)}")
     print(f"Report:       python sweeps/report.py {sweep.mlflow.experiment or sweep.name}")
     if outcome.interrupted:

@@ -50,3 +50,10 @@ def test_only_ssh_is_open_to_the_outside(cluster):
     head = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
     assert "--host 0.0.0.0" not in head  # the MLflow server binds the internal address
+
+
+def test_ray_token_authentication_is_on_with_one_shared_token(cluster):
+    assert cluster["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
+    assert any("RAY_AUTH_MODE=token" in c for c in cluster["setup_commands"])

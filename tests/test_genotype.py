@@ -126,3 +126,25 @@ def test_cells_are_drawn_as_png(tmp_path):
     assert [p.name for p in paths] == ["cell_normal.png", "cell_reduce.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_convergence_metrics_of_hand_set_alpha_and_beta():
+    from nas.search import convergence_metrics
+
+    space = SearchSpace(DA2S_OPS, cells=5)
+    arch = Architecture(space, Target.parse([2, 2, 2, 2], space), edge_params=True)
+    with torch.no_grad():
+        for alpha in arch.alphas:
+            alpha.fill_(-10.0)
+            alpha[:, 3] = 10.0  # one-hot on sep_conv_3x3
+        for beta in arch.betas:
+            beta.fill_(-30.0)
+            beta[:2] = 1.0  # two kept edges per node, the rest near zero weight
+    metrics = convergence_metrics(arch, derive_genotype(arch))
+    assert metrics["max_op_weight"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["kept_edge_share"] == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        for beta in arch.betas:
+            beta.fill_(0.5)  # uniform: the two kept edges of M hold 2 / M of the weight
+    shares = [2 / 3, 2 / 4, 2 / 5]
+    assert convergence_metrics(arch, derive_genotype(arch))["kept_edge_share"] == pytest.approx(sum(shares) / 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,54 @@ def test_bad_sweep_file_stops_run_py_before_ray(tmp_path):
         "error: space.target.choices[1]: got '[2, 2]'; expected one count per intermediate node (4 of them)"
     )
     assert not (tmp_path / "runs").exists()  # nothing was started or written
+
+
+def sweep_with(tmp_path, **changes) -> SweepConfig:
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["search"]["data"] = {"dataset": "synthetic"}
+    data["storage"] = str(tmp_path / "ray")
+    data["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'm' / 'mlflow.db'}"}
+    data.update(changes)
+    return SweepConfig.from_dict(data)
+
+
+def test_unwritable_storage_is_refused_before_ray(tmp_path):
+    from tuning.sweep import run_sweep
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as info:
+        run_sweep(sweep_with(tmp_path, storage=str(blocker / "ray")), base_dir=tmp_path)
+    assert info.value.field == "storage" and "cannot be written" in str(info.value)
+    assert not (tmp_path / "m").exists()  # nothing else was created
+
+
+def test_gpus_this_machine_lacks_are_refused_before_ray(tmp_path):
+    import torch
+
+    from tuning.sweep import run_sweep
+
+    asked = torch.cuda.device_count() + 1
+    with pytest.raises(ConfigError) as info:
+        run_sweep(sweep_with(tmp_path, resources={"cpu": 1, "gpu": asked}), base_dir=tmp_path)
+    assert info.value.field == "resources.gpu" and "use gpu: 0" in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_data_is_refused_before_ray(tmp_path):
+    from nas.data import DataNotFoundError
+    from tuning.sweep import run_sweep
+
+    sweep = sweep_with(tmp_path)
+    sweep.search["data"] = {"root": str(tmp_path / "no-cifar"), "download": False}
+    with pytest.raises(DataNotFoundError, match="no-cifar"):
+        run_sweep(sweep, base_dir=tmp_path)
+    assert not (tmp_path / "m").exists()
+
+
+def test_credentials_never_reach_params():
+    from tuning.tracking import params_of, redact
+
+    assert redact("http://alice:s3cret@mlflow.internal:5000") == "http://***@mlflow.internal:5000"
+    params = params_of({"mlflow": {"tracking_uri": "https://bob:hunter2@host/mlflow"}, "storage": "s3://k:v@bucket/x"})
+    assert "hunter2" not in json.dumps(params) and "k:v@" not in json.dumps(params)

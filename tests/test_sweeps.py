@@ -242,3 +242,39 @@ def test_multi_objective_sweep_with_asha_and_its_report(tmp_path, local_ray):
         capture_output=True, text=True,
     )  # fmt: skip
     assert csv.stdout.startswith("method,target,n,supernet_acc_mean,supernet_acc_std")
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    """Hex local addresses of the TCP sockets the processes `pids` listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                addresses.add(fields[1].split(":")[0])
+    return addresses
+
+
+def test_local_ray_listens_on_loopback_only(local_ray):
+    ray_pids = {os.getpid()}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ray" in cmdline.split(b"\0")[0] or b"gcs_server" in cmdline or b"raylet" in cmdline:
+                ray_pids.add(int(proc.name))
+    addresses = _listening_addresses(ray_pids)
+    assert addresses and addresses <= LOOPBACK, addresses
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")

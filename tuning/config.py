@@ -46,6 +46,8 @@ FINAL_METRICS = (
     "discretized_unit_edges_bn_recal_acc",
     "drop_unit_edges_bn_recal",
     "supernet_bn_recal_acc",
+    "max_op_weight",
+    "kept_edge_share",
     "params",
 )
 EPOCH_METRICS = ("valid_acc", "valid_loss", "train_acc", "train_loss", "arch_ce", "discretized_acc", "drop")

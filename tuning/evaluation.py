@@ -19,7 +19,7 @@ from nas.genotype import Genotype
 from nas.search import EpochEvent
 
 from .config import SweepConfig
-from .tracking import TrackedRun, params_of
+from .tracking import PENDING_FILE, TrackedRun, params_of
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,18 @@ def evaluate_one(job: EvaluationJob, tracking_uri: str, experiment_id: str, swee
         result = run_evaluation(Genotype.from_dict(job.genotype), config, job.out_dir, callbacks=[on_epoch])
     except Exception as err:
         run.set_tags({"failure": f"{type(err).__name__}: {err}"})
-        run.finish("FAILED")
+        if not run.finish("FAILED"):
+            run.save_pending(Path(job.out_dir) / PENDING_FILE)
         return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FAILED", {}, f"{type(err).__name__}: {err}")
     run.log_final(result.metrics, config.epochs)
     run.set_tags({"mobile_setting_ok": str(result.info["mobile_setting_ok"]).lower()})
-    path = Path(job.out_dir) / "result.json"
-    if path.exists():
-        run.client.log_artifact(run.run_id, str(path))
-    run.client.log_text(run.run_id, json.dumps(job.genotype, indent=2), "genotype.json")
-    run.finish("FINISHED")
+    run.log_artifact(Path(job.out_dir) / "result.json")
+    run.log_text(json.dumps(job.genotype, indent=2), "genotype.json")
+    if not run.finish("FINISHED"):
+        count = run.save_pending(Path(job.out_dir) / PENDING_FILE)
+        return EvaluationSummary(
+            job.eval_id, job.trial_id, job.dataset, "FINISHED", result.metrics, f"{count} MLflow calls pending"
+        )
     return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FINISHED", result.metrics)
 
 

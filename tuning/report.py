@@ -26,6 +26,8 @@ COLUMNS = (
     ("discretized_bn_recal_acc", "discr. BN recal"),
     ("drop_bn_recal", "drop BN recal"),
     ("discretized_unit_edges_acc", "discr. edges=1"),
+    ("max_op_weight", "max op weight"),
+    ("kept_edge_share", "kept edge share"),
     ("params", "params (M)"),
 )
 METHOD_ORDER = ("darts", "da2s", "multilevel")
@@ -140,7 +142,8 @@ def _cell(row: Row, metric: str) -> str:
     mean, std = row.stat(metric)
     if math.isnan(mean):
         return "-"
-    return f"{mean:.2f} ± {std:.2f}" if row.n > 1 else f"{mean:.2f}"
+    digits = 3 if metric in ("max_op_weight", "kept_edge_share") else 2
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if row.n > 1 else f"{mean:.{digits}f}"
 
 
 def _columns(rows: Sequence[Row]) -> tuple[tuple[str, str], ...]:

@@ -8,6 +8,7 @@ from the sweep's directory and finishes it without repeating finished trials.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -30,6 +32,7 @@ from .config import SweepConfig
 from .evaluation import run_evaluation_stage
 from .space import SpaceSampler, make_sampler
 from .tracking import (
+    PENDING_FILE,
     client_for,
     ensure_experiment,
     find_run,
@@ -37,6 +40,8 @@ from .tracking import (
     log_metrics,
     log_params,
     params_of,
+    redact,
+    replay_pending,
     resolve_tracking_uri,
     retrying,
 )
@@ -68,18 +73,24 @@ class RunFinalizer(tune.Callback):
         return client, find_run(client, self.experiment_id, {"trial_id": trial.trial_id})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        client, run = self._run(trial)
-        if run is not None and run.info.status == "RUNNING":
-            # The trial stopped before its end: the scheduler (ASHA) stopped it.
-            retrying(lambda: client.set_tag(run.info.run_id, "early_stopped", "true"), "tag run")
-            retrying(lambda: client.set_terminated(run.info.run_id, "FINISHED"), "end run")
+        self._end(trial, "FINISHED", {"early_stopped": "true"}, only_if_unfinished=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        client, run = self._run(trial)
-        if run is not None and run.info.status == "RUNNING":
-            reason = _error_text(trial)
-            retrying(lambda: client.set_tag(run.info.run_id, "failure", reason[:5000]), "tag run")
-            retrying(lambda: client.set_terminated(run.info.run_id, "FAILED"), "end run")
+        self._end(trial, "FAILED", {"failure": _error_text(trial)[:5000]})
+
+    def _end(self, trial, status: str, tags: dict[str, str], only_if_unfinished: bool = False) -> None:
+        # Best effort: the sweep must go on while MLflow is away; the end of the sweep reconciles.
+        try:
+            client, run = self._run(trial)
+            if run is None or run.info.status != "RUNNING":
+                return
+            if only_if_unfinished and (trial.last_result or {}).get("mlflow_pending"):
+                return  # the trial finished; its last calls wait in a pending file
+            for k, v in tags.items():
+                client.set_tag(run.info.run_id, k, v)
+            client.set_terminated(run.info.run_id, status)
+        except Exception as err:
+            log.warning("MLflow: could not end the run of trial %s now (%s); the sweep's end will", trial.trial_id, err)
 
 
 class ProgressPrinter(tune.Callback):
@@ -150,6 +161,8 @@ class SweepOutcome:
     trials: list[TrialSummary] = field(default_factory=list)
     evaluations: list = field(default_factory=list)
     interrupted: bool = False
+    # MLflow calls that could not be sent (server unreachable): (pending file, count)
+    pending: list = field(default_factory=list)
 
 
 def _storage_dir(sweep: SweepConfig, base: Path) -> str:
@@ -170,6 +183,34 @@ def _check_output(experiment_dir: Path, resume: bool) -> None:
     leftovers = {PARENT_RUN_FILE, OPTUNA_JOURNAL}
     if not resume and experiment_dir.exists() and any(p.name not in leftovers for p in experiment_dir.iterdir()):
         raise ConfigError("storage", str(experiment_dir), "exists and is not a sweep; choose another name or storage")
+
+
+def _check_writable(path: Path, name: str) -> None:
+    """`path` can be created and written (checked before anything runs)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            name, str(path), f"cannot be written ({err.strerror or err}); choose a writable location"
+        ) from None
+
+
+def _check_gpus_here(sweep: SweepConfig) -> None:
+    """On a local run, GPUs the machine does not have stop the sweep before Ray starts."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    for name, asked in (
+        ("resources.gpu", sweep.resources.gpu),
+        ("evaluate.resources.gpu", sweep.evaluate.resources.gpu if sweep.evaluate else 0),
+    ):
+        if asked > gpus:
+            raise ConfigError(
+                name, asked, f"this machine has {gpus} GPUs; use gpu: 0, or --address to run on a GPU cluster"
+            )
 
 
 def _check_data(search: dict[str, Any]) -> None:
@@ -248,7 +289,8 @@ def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: 
     settings = sweep.to_dict()
     log_params(client, run_id, params_of({k: v for k, v in settings.items() if k not in ("search", "space")}))
     log_params(client, run_id, params_of({"search": settings["search"]}))
-    retrying(lambda: client.log_text(run_id, yaml.safe_dump(settings, sort_keys=False), "sweep.yaml"), "log sweep")
+    text = redact(yaml.safe_dump(settings, sort_keys=False))
+    retrying(lambda: client.log_text(run_id, text, "sweep.yaml"), "log sweep")
     experiment_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_id + "\n")
     return run_id
@@ -264,6 +306,57 @@ def _end_open_runs(client, experiment_id: str, sweep_name: str, status: str, rea
     return len(runs)
 
 
+def replay_all_pending(experiment_dir: Path) -> list[tuple[Path, int]]:
+    """Sends the MLflow calls that trials and evaluations could not send; returns what is left."""
+    left = []
+    for path in sorted(experiment_dir.glob(f"**/{PENDING_FILE}")):
+        try:
+            count = replay_pending(path)
+        except Exception as err:
+            log.warning("MLflow: replaying %s failed: %s", path, err)
+            count = -1
+        if count:
+            left.append((path, count))
+    return left
+
+
+def known_trial_ids(experiment_dir: Path) -> set[str]:
+    """The trials in Ray's last saved state of the sweep (the ones a restore knows about)."""
+    states = sorted(experiment_dir.glob("experiment_state-*.json"), key=os.path.getmtime)
+    if not states:
+        return set()
+    ids = set()
+    for entry in json.loads(states[-1].read_text())["trial_data"]:
+        text = entry[0] if isinstance(entry, list) else entry
+        ids.add(json.loads(text)["trial_id"])
+    return ids
+
+
+def end_lost_trials(client, experiment_id: str, sweep_name: str, known: set[str]) -> int:
+    """Ends the runs of trials that started after Ray's last saved state (the driver died in
+    between): a restore cannot resume them; new trials take their place."""
+    query = f"tags.sweep = '{sweep_name}' and tags.kind = 'trial' and attributes.status != 'FINISHED'"
+    runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=5000), "search runs")
+    lost = [r for r in runs if r.data.tags.get("trial_id") not in known and r.info.status in ("RUNNING", "KILLED")]
+    reason = "started after the sweep's last saved state and lost with its driver; replaced by a new trial"
+    for run in lost:
+        retrying(lambda run=run: client.set_tag(run.info.run_id, "lost", reason), "tag run")
+        retrying(lambda run=run: client.set_terminated(run.info.run_id, "KILLED"), "end run")
+    return len(lost)
+
+
+def fail_unfinished_optuna_trials(journal: Path, study_name: str) -> int:
+    """Once every trial of a sweep has ended, Optuna trials still RUNNING were lost with a driver."""
+    if not journal.exists():
+        return 0
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in stale:
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
 def run_sweep(
     sweep: SweepConfig,
     *,
@@ -277,8 +370,13 @@ def run_sweep(
     search = _resolved_search(sweep, base)
     if "://" not in storage:
         _check_output(experiment_dir, resume)
+        _check_writable(Path(storage), "storage")
+    if address is None:
+        _check_gpus_here(sweep)
     _check_data(search)
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, base)
+    if local_artifact_root(tracking_uri):
+        _check_writable(Path(local_artifact_root(tracking_uri)).parent, "mlflow.tracking_uri")
 
     _init_ray(address)
     _check_resources(sweep)
@@ -303,6 +401,13 @@ def run_sweep(
     )
 
     interrupted = False
+    if resume:
+        replay_all_pending(experiment_dir)
+        lost = end_lost_trials(client, experiment_id, sweep.name, known_trial_ids(experiment_dir))
+        if lost:
+            log.warning(
+                "%d trials had started after the sweep's last saved state; their runs are marked KILLED (lost)", lost
+            )
     try:
         if resume:
             tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
@@ -383,6 +488,11 @@ def run_sweep(
         retrying(lambda: client.set_terminated(parent_run_id, "KILLED"), "end sweep run")
         log.warning("sweep interrupted (%d trial runs marked KILLED); resume it with --resume", count)
     else:
+        outcome.pending = replay_all_pending(experiment_dir)
+        if not outcome.pending:
+            # Every trial has ended: runs still RUNNING or Optuna trials still RUNNING were lost.
+            _end_open_runs(client, experiment_id, sweep.name, "KILLED", "its trial ended without closing it")
+            fail_unfinished_optuna_trials(_journal_path(sweep, base, experiment_dir), sweep.name)
         _summarise(client, parent_run_id, sweep, outcome)
         retrying(lambda: client.set_terminated(parent_run_id, "FINISHED"), "end sweep run")
     return outcome

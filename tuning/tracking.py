@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -33,6 +34,14 @@ T = TypeVar("T")
 # Ray keeps those).
 ARTIFACT_FILES = ("genotype.json", "config.json", "result.json")
 ARTIFACT_DIRS = ("cells", "plots")
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """A URI with its user:password@ part masked: credentials never reach logs, params or artifacts."""
+    return _USERINFO.sub("***@", text)
 
 
 def resolve_tracking_uri(uri: str, base: str | os.PathLike | None = None) -> str:
@@ -62,7 +71,7 @@ def local_artifact_root(tracking_uri: str) -> str | None:
 def ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:///"):
         return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
-    return f"open {tracking_uri} in a browser (the MLflow server)"
+    return f"open {redact(tracking_uri)} in a browser (the MLflow server)"
 
 
 def retrying(fn: Callable[[], T], what: str, attempts: int = 12) -> T:
@@ -107,7 +116,7 @@ def params_of(config: Mapping[str, Any], extra: Mapping[str, Any] = ()) -> dict[
     """Flattened settings as MLflow params (strings of at most 6000 characters)."""
     flat = flatten_mapping(config)
     flat.update(extra)
-    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in flat.items()}
+    return {k: redact(json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in flat.items()}
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -124,6 +133,7 @@ def log_params(client, run_id: str, params: Mapping[str, str]) -> None:
 
 
 def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Metrics of a run the driver writes (the sweep's parent run)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -138,58 +148,167 @@ def find_run(client, experiment_id: str, tags: Mapping[str, str]):
     return runs[0] if runs else None
 
 
+PENDING_FILE = "mlflow_pending.json"
+
+
+def transient(err: Exception) -> bool:
+    """Errors of a busy or unreachable store, worth retrying: sqlite locks, connection failures."""
+    text = f"{type(err).__name__} {err}".lower()
+    keys = ("locked", "busy", "timed out", "timeout", "connection", "refused", "503", "502", "504",
+            "temporarily", "max retries", "unreachable")  # fmt: skip
+    return any(k in text for k in keys)
+
+
 class TrackedRun:
     """An MLflow run identified by one tag (`trial_id` for a trial, `eval_id` for an evaluation),
-    opened, or re-opened, in the process that does the work."""
+    written from the process that does the work.
+
+    Every call is queued and the queue is sent in order: at once when the store answers; when it
+    does not (a restarting server), training goes on and the queue waits for the next flush, and
+    `finish` waits up to `patience` seconds for the store. What still cannot be sent is written to
+    a pending file (`save_pending`), which `replay_pending` sends later, so that no metric goes
+    missing silently.
+    """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None, key: str, value: str):
+        self.tracking_uri = tracking_uri
         self.client = client_for(tracking_uri)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.key, self.value = key, value
         self.run_id: str | None = None
         self.status: str | None = None
+        self.ops: list[tuple[str, dict[str, Any]]] = []
 
-    def open(self, name: str, params: Mapping[str, str], tags: Mapping[str, str] = ()) -> str:
+    # ---------------------------------------------------------------- queue
+    def _queue(self, kind: str, **data: Any) -> None:
+        self.ops.append((kind, data))
+        self.flush()
+
+    def flush(self, patience: float = 0.0) -> bool:
+        """Sends the queued calls in order; True when none is left. Waits up to `patience` seconds
+        for a store that does not answer; raises at once on errors that waiting cannot fix."""
+        deadline = time.monotonic() + patience
+        delay = 0.5
+        while self.ops:
+            kind, data = self.ops[0]
+            try:
+                self._apply(kind, data)
+            except Exception as err:
+                if not transient(err):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(2 * delay, 15.0)
+                continue
+            self.ops.pop(0)
+        return True
+
+    def _apply(self, kind: str, data: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        if kind == "open":
+            self._open_now(data["name"], data["params"], data["tags"])
+        elif kind == "metrics":
+            items = [Metric(k, float(v), data["time"], data["step"]) for k, v in data["metrics"].items()]
+            for chunk in _batches(items, 1000):
+                self.client.log_batch(self.run_id, metrics=chunk)
+        elif kind == "tags":
+            for k, v in data["tags"].items():
+                self.client.set_tag(self.run_id, k, str(v)[:5000])
+        elif kind == "artifact":
+            if Path(data["path"]).is_file():
+                self.client.log_artifact(self.run_id, data["path"])
+        elif kind == "artifacts":
+            if Path(data["path"]).is_dir():
+                self.client.log_artifacts(self.run_id, data["path"], data["name"])
+        elif kind == "text":
+            self.client.log_text(self.run_id, data["text"], data["name"])
+        elif kind == "end":
+            self.client.set_terminated(self.run_id, data["status"])
+            self.status = data["status"]
+
+    def _open_now(self, name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
         run = find_run(self.client, self.experiment_id, {self.key: self.value})
         if run is not None:
             self.run_id, self.status = run.info.run_id, run.info.status
             if self.status != "FINISHED":
-                retrying(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run")
-                retrying(lambda: self.client.set_tag(self.run_id, "resumed", "true"), "tag run")
-            return self.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                self.client.set_tag(self.run_id, "resumed", "true")
+            return
         all_tags = {self.key: self.value, **tags}
         if self.parent_run_id:
             all_tags[PARENT_TAG] = self.parent_run_id
-        run = retrying(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name), "create run")
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         self.run_id, self.status = run.info.run_id, "RUNNING"
         log_params(self.client, self.run_id, params)
+
+    # ---------------------------------------------------------------- calls
+    def open(
+        self, name: str, params: Mapping[str, str], tags: Mapping[str, str] = (), patience: float = 60.0
+    ) -> str | None:
+        """Finds this run (re-opening it unless FINISHED) or creates it. If the store stays away
+        for `patience` seconds, work starts anyway and the run is created when it is back."""
+        self.ops.append(("open", {"name": name, "params": dict(params), "tags": dict(tags)}))
+        self.flush(patience)
         return self.run_id
 
     def log_epoch(self, metrics: Mapping[str, float], epoch: int) -> None:
-        log_metrics(self.client, self.run_id, metrics, epoch)
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        self._queue("metrics", metrics=clean, step=epoch, time=int(time.time() * 1000))
 
-    def log_final(self, metrics: Mapping[str, float], step: int) -> None:
-        log_metrics(self.client, self.run_id, metrics, step)
+    log_final = log_epoch
 
     def log_artifacts(self, out_dir: str | os.PathLike) -> None:
         out = Path(out_dir)
         for name in ARTIFACT_FILES:
-            if (out / name).exists():
-                retrying(lambda name=name: self.client.log_artifact(self.run_id, str(out / name)), "log artifact")
+            self._queue("artifact", path=str(out / name))
         for name in ARTIFACT_DIRS:
-            if (out / name).is_dir():
-                retrying(
-                    lambda name=name: self.client.log_artifacts(self.run_id, str(out / name), name), "log artifacts"
-                )
+            self._queue("artifacts", path=str(out / name), name=name)
+
+    def log_artifact(self, path: str | os.PathLike) -> None:
+        self._queue("artifact", path=str(path))
+
+    def log_text(self, text: str, name: str) -> None:
+        self._queue("text", text=text, name=name)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            retrying(lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)[:5000]), "tag run")
+        self._queue("tags", tags={k: str(v) for k, v in tags.items()})
 
-    def finish(self, status: str = "FINISHED") -> None:
-        retrying(lambda: self.client.set_terminated(self.run_id, status), "end run")
-        self.status = status
+    def finish(self, status: str = "FINISHED", patience: float = 300.0) -> bool:
+        """Ends the run; True when everything reached the store."""
+        self.ops.append(("end", {"status": status}))
+        return self.flush(patience)
+
+    # ---------------------------------------------------------------- pending
+    def save_pending(self, path: str | os.PathLike) -> int:
+        """Writes what could not be sent to `path` (nothing if all was sent); returns the count."""
+        if not self.ops:
+            return 0
+        header = {
+            "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id, "key": self.key, "value": self.value,
+        }  # fmt: skip
+        Path(path).write_text(json.dumps({"run": header, "ops": self.ops}, indent=1))
+        return len(self.ops)
+
+
+def replay_pending(path: str | os.PathLike, patience: float = 30.0) -> int:
+    """Sends a pending file's calls; deletes the file when all went through. Returns what is left."""
+    data = json.loads(Path(path).read_text())
+    header = data["run"]
+    run = TrackedRun(
+        header["tracking_uri"], header["experiment_id"], header["parent_run_id"], header["key"], header["value"]
+    )
+    ops = [(kind, payload) for kind, payload in data["ops"]]
+    if ops and ops[0][0] != "open":
+        run.ops.append(("open", {"name": "", "params": {}, "tags": {}}))  # finds the existing run
+    run.ops.extend(ops)
+    if run.flush(patience):
+        Path(path).unlink()
+        return 0
+    return len(run.ops)
 
 
 def TrialRun(tracking_uri: str, experiment_id: str, parent_run_id: str | None, trial_id: str) -> TrackedRun:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ from nas.network import EvalNetwork, count_parameters
 from nas.search import CHECKPOINT, EpochEvent, SearchConfig, SearchDiverged, arch_lr_scale, run_search, steps_per_epoch
 
 from .config import FINAL_METRICS, method_label, trial_search
-from .tracking import TrialRun, params_of
+from .tracking import PENDING_FILE, TrialRun, params_of
 
 
 @dataclass
@@ -56,13 +57,30 @@ def derived_params(genotype) -> int:
     return count_parameters(EvalNetwork(genotype, 36, 20, 10, auxiliary=False))
 
 
-def _report(metrics: Mapping[str, Any], checkpoint_file: Path | None) -> None:
-    if checkpoint_file is None or not checkpoint_file.exists():
+def _report(metrics: Mapping[str, Any], checkpoint_file: Path | None, extra: Path | None = None) -> None:
+    """tune.report with a checkpoint directory holding `checkpoint_file` (and `extra`, moved in)."""
+    files = [f for f in (checkpoint_file, extra) if f is not None and f.exists()]
+    if not files:
         tune.report(dict(metrics))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy2(checkpoint_file, Path(tmp) / CHECKPOINT)
+        for f in files:
+            shutil.copy2(f, Path(tmp) / f.name)
         tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
+    if extra is not None:
+        extra.unlink(missing_ok=True)  # it lives on in the checkpoint, where the driver replays it
+
+
+def _end_run(run, status: str, out_dir: Path) -> tuple[int, Path | None]:
+    """Ends the MLflow run; what the store did not take (it is unreachable) goes to a pending file."""
+    if run.finish(status):
+        return 0, None
+    pending = out_dir / PENDING_FILE
+    count = run.save_pending(pending)
+    logging.getLogger(__name__).warning(
+        "MLflow unreachable: %d calls saved to %s for the driver to replay", count, pending
+    )
+    return count, pending
 
 
 def _restore_checkpoint(out_dir: Path) -> None:
@@ -72,8 +90,16 @@ def _restore_checkpoint(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as saved:
         shutil.copy2(Path(saved) / CHECKPOINT, out_dir / CHECKPOINT)
-    # A result.json left by an earlier attempt would describe a search that did not finish here.
-    (out_dir / "result.json").unlink(missing_ok=True)
+
+
+def _stored_result(run) -> dict[str, Any]:
+    data = run.client.get_run(run.run_id).data
+    result = {
+        k: v for k, v in data.metrics.items() if k in FINAL_METRICS or k in ("valid_acc", "discretized_acc", "drop")
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        genotype = Path(run.client.download_artifacts(run.run_id, "genotype.json", tmp)).read_text()
+    return {**result, "genotype": json.dumps(json.loads(genotype)), "mlflow_run_id": run.run_id, "diverged": 0.0}
 
 
 def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
@@ -82,6 +108,9 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     context = tune.get_context()
     trial_id = context.get_trial_id()
+    # Fail fast on an unreachable MLflow server: TrackedRun queues and retries without blocking training.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     config = SearchConfig.resolve(file=trial_search(settings.search, params))
     torch.set_num_threads(max(1, int(settings.cpus)))
     out_dir = Path(context.get_trial_dir()) / "search"
@@ -114,13 +143,14 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         result = run_search(config, out_dir, callbacks=[on_epoch])
     except SearchDiverged as err:
         run.set_tags({"failure": str(err), "diverged": "true"})
-        run.finish("FAILED")
+        pending, pending_file = _end_run(run, "FAILED", out_dir)
         nan = {name: math.nan for name in settings.objectives}
-        tune.report({**nan, "diverged": 1.0, "failure": str(err), "mlflow_run_id": run.run_id})
+        report = {**nan, "diverged": 1.0, "failure": str(err), "mlflow_run_id": run.run_id, "mlflow_pending": pending}
+        _report(report, None, pending_file)
         return
     except Exception as err:
         run.set_tags({"failure": f"{type(err).__name__}: {err}"})
-        run.finish("FAILED")
+        _end_run(run, "FAILED", out_dir)
         raise
 
     final = {k: v for k, v in result.metrics.items() if k in FINAL_METRICS}
@@ -129,7 +159,13 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     run.log_final(final, config.epochs)
     run.log_artifacts(out_dir)
     run.set_tags({"genotype": result.genotype.describe(), "target": result.info["target"], "method": method})
-    run.finish("FINISHED")
-    report = {**last, **final, "genotype": json.dumps(result.genotype.to_dict()), "diverged": 0.0}
+    pending, pending_file = _end_run(run, "FINISHED", out_dir)
+    report = {
+        **last,
+        **final,
+        "genotype": json.dumps(result.genotype.to_dict()),
+        "diverged": 0.0,
+        "mlflow_pending": pending,
+    }
     report.setdefault("mlflow_run_id", run.run_id)
-    _report(report, out_dir / CHECKPOINT)
+    _report(report, out_dir / CHECKPOINT, pending_file)
