@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -249,6 +250,12 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
         keys, value = parse_override(text)
         set_dotted(result, keys, value)
     return result
+
+
+def file_with_overrides(file: str | os.PathLike | Mapping[str, Any] | None, overrides: Iterable[str]) -> dict[str, Any]:
+    """A config file (YAML path, or an already-read mapping) with `--set` overrides applied."""
+    raw = load_yaml(str(file)) if isinstance(file, (str, os.PathLike)) else dict(file or {})
+    return apply_overrides(raw, overrides)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from .data import (
 )
 from .genotype import Genotype
 from .network import EvalNetwork, count_macs, count_parameters
-from .search import EpochEvent, RuntimeConfig, cosine_lr, resolve_device
+from .search import EpochEvent, RuntimeConfig, cosine_lr, resolve_device, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ class EvalConfig:
         data_root: str | None = None,
     ) -> EvalConfig:
         """The dataset's protocol, then the YAML file (path or mapping), then `--set` overrides."""
-        raw = cfg.load_yaml(str(file)) if isinstance(file, (str, os.PathLike)) else dict(file or {})
-        raw = cfg.apply_overrides(raw, overrides)
+        raw = cfg.file_with_overrides(file, overrides)
         dataset = dataset or raw.get("dataset", "cifar10")
         if dataset not in PROTOCOLS:
             raise ConfigError("dataset", dataset, f"expected one of {', '.join(PROTOCOLS)}")
@@ -280,12 +279,6 @@ def _same_run(saved: Mapping[str, Any], config: EvalConfig) -> bool:
     return key(saved) == key(config.to_dict())
 
 
-def _save_atomic(state: Mapping[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(state), tmp)
-    os.replace(tmp, path)
-
-
 def run_evaluation(
     genotype: Genotype,
     config: EvalConfig,
@@ -417,7 +410,7 @@ def run_evaluation(
                 "format": 1, "epoch": epoch, "config": config.to_dict(), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "history": history, "torch_rng": torch.get_rng_state(),
             }  # fmt: skip
-            _save_atomic(state, checkpoint_path)
+            save_atomic(state, checkpoint_path)
         metrics = {k: float(v) for k, v in record.items() if k != "epoch"}
         for callback in callbacks:
             callback(EpochEvent(epoch, config.epochs, record, metrics, checkpoint_path))

@@ -24,7 +24,8 @@ OP_COLOURS = {
 }
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,10 +34,19 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120, **options) -> Path:
+    """Saves and closes `fig` at `path`, creating its directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, **options)
+    pyplot().close(fig)
+    return path
+
+
 def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
     """Draws `cell` as a DAG: the two inputs on the left, intermediate nodes in the middle, the
     concatenated output on the right, each edge labelled with its op."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import FancyArrowPatch
 
     n = len(cell.nodes)
@@ -119,11 +129,7 @@ def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 120, bbox_inches="tight")
 
 
 def draw_genotype(genotype: Genotype, directory: str | Path, prefix: str = "cell_") -> list[Path]:
@@ -149,7 +155,7 @@ def plot_alpha_evolution(
     history: Sequence[Mapping[str, Any]], ops: Sequence[str], level: str, nodes: int, path: str | Path, title: str = ""
 ) -> Path:
     """softmax(alpha) of every op on every edge of `level` against the epoch: one panel per edge."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [record["epoch"] for record in history]
     series = [record["softmax_alpha"][level] for record in history]  # epoch x edge x op
     labels = _edge_labels(nodes)
@@ -179,18 +185,14 @@ def plot_alpha_evolution(
     fig.suptitle(title or f"softmax(alpha) per edge, {level} cells", fontsize=10)
     fig.supxlabel("epoch", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 110)
 
 
 def plot_edge_weights(
     history: Sequence[Mapping[str, Any]], level: str, nodes: int, path: str | Path, title: str = ""
 ) -> Path:
     """The trained edge weight of every edge of `level` against the epoch (methods with beta)."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [record["epoch"] for record in history]
     series = [record["edge_weights"][level] for record in history]
     labels = _edge_labels(nodes)
@@ -207,8 +209,4 @@ def plot_edge_weights(
     fig.suptitle(title or f"edge weights, {level} cells", fontsize=10)
     fig.supxlabel("epoch", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 110)

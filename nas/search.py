@@ -173,8 +173,7 @@ class SearchConfig:
     ) -> SearchConfig:
         """Preset defaults, then the YAML file (a path or a mapping), then `--set` overrides; the
         preset comes from the argument, else the file's `preset:`. `data_root` wins over data.root."""
-        raw = cfg.load_yaml(str(file)) if isinstance(file, (str, os.PathLike)) else dict(file or {})
-        raw = cfg.apply_overrides(raw, overrides)
+        raw = cfg.file_with_overrides(file, overrides)
         preset = preset or raw.get("preset")
         if preset is not None and preset not in PRESETS:
             raise ConfigError("preset", preset, f"expected one of {', '.join(PRESETS)}")
@@ -367,6 +366,14 @@ class Search:
             "torch_rng": torch.get_rng_state(),
         }
 
+    def discretize(self, genotype: Genotype, data: SearchData) -> dict[str, float]:
+        """Supernet and discretized accuracies of `genotype` on the evaluation set (DECISIONS 4)."""
+        config = self.config
+        return discretization_metrics(
+            self.supernet, self.arch, genotype, data.eval, data.train,
+            recal_batches=config.discretize.bn_recal_batches, batch_size=config.batch_size, seed=config.seed,
+        )  # fmt: skip
+
     def weight_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on the training batch with alpha and beta fixed; returns (loss, logits)."""
         images, labels = batch
@@ -400,7 +407,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _save_atomic(state: Mapping[str, Any], path: Path) -> None:
+def save_atomic(state: Mapping[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(dict(state), tmp)
     os.replace(tmp, path)
@@ -666,22 +674,13 @@ def run_search(
         checkpoint_path = None
         if out is not None:
             checkpoint_path = out / CHECKPOINT
-            _save_atomic(search.state(epoch, history), checkpoint_path)
+            save_atomic(search.state(epoch, history), checkpoint_path)
         event = EpochEvent(epoch, config.epochs, record, _flat_metrics(record), checkpoint_path)
         for callback in callbacks:
             callback(event)
 
     genotype = derive_genotype(search.arch)
-    metrics = discretization_metrics(
-        search.supernet,
-        search.arch,
-        genotype,
-        data.eval,
-        data.train,
-        recal_batches=config.discretize.bn_recal_batches,
-        batch_size=config.batch_size,
-        seed=config.seed,
-    )
+    metrics = search.discretize(genotype, data)
     metrics.update(convergence_metrics(search.arch, genotype))
     info = {
         "target": search.target.describe(),
@@ -736,16 +735,7 @@ def rederive(
     search.load(state)
     new_target = Target.parse(target, search.space, "--target")
     genotype = derive_genotype(search.arch, new_target)
-    metrics = discretization_metrics(
-        search.supernet,
-        search.arch,
-        genotype,
-        data.eval,
-        data.train,
-        recal_batches=config.discretize.bn_recal_batches,
-        batch_size=config.batch_size,
-        seed=config.seed,
-    )
+    metrics = search.discretize(genotype, data)
     target_dir = out / "derive" / new_target.slug()
     target_dir.mkdir(parents=True, exist_ok=True)
     result = {

@@ -11,12 +11,26 @@ side by side as in the DA²S paper's Table 4. Also writes OUT/drops.png and OUT/
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tuning.report import csv_table, load_trials, markdown_table, plot_drops, summarise, table4
+from tuning.report import (
+    csv_table,
+    export_alpha_plots,
+    final_skip_table,
+    load_trials,
+    markdown_table,
+    plot_drops,
+    plot_skip_counts,
+    skip_count_histories,
+    summarise,
+    table4,
+)
 from tuning.tracking import resolve_tracking_uri
 
 
@@ -29,6 +43,16 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", action="store_true", help="print CSV instead of Markdown")
     parser.add_argument("--layout", choices=("auto", "table4", "rows"), default="auto")
     parser.add_argument("--out", help="directory for report.md and drops.png (default: runs/reports/EXPERIMENT)")
+    parser.add_argument(
+        "--alpha-plots",
+        metavar="TARGET",
+        help="also copy each method's softmax(alpha) evolution plots under TARGET (lowest seed)",
+    )
+    parser.add_argument(
+        "--skips",
+        action="store_true",
+        help="also plot skip_connect per level over the epochs (skip_connect.png) and tabulate the final counts",
+    )
     args = parser.parse_args(argv)
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -60,8 +84,23 @@ def main(argv=None) -> int:
     out = Path(args.out or Path("runs") / "reports" / args.experiment)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
-    plot = plot_drops(rows, out / "drops.png", args.experiment)
-    print(f"written: {out / 'report.md'}, {plot}", file=sys.stderr)
+    written = [out / "report.md", plot_drops(rows, out / "drops.png", args.experiment)]
+    if args.skips:
+        histories = skip_count_histories(uri, finished)
+        written.append(
+            plot_skip_counts(histories, out / "skip_connect.png", f"{args.experiment}: skip_connect per level")
+        )
+        table = (
+            "\n## skip_connect ops per level at the last epoch (mean over seeds)\n\n"
+            + final_skip_table(histories)
+            + "\n"
+        )
+        print(table)
+        with open(out / "report.md", "a") as handle:
+            handle.write(table)
+    if args.alpha_plots:
+        written += export_alpha_plots(uri, finished, args.alpha_plots, out)
+    print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nas.plots import pyplot, save_figure
+
 from .tracking import PARENT_TAG, client_for, retrying
 
 COLUMNS = (
@@ -203,10 +205,7 @@ def csv_table(rows: Sequence[Row]) -> str:
 def plot_drops(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     """Grouped bars of the drop per target and method (mean +- std over seeds), with and without
     BN recalibration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
     methods += sorted({r.method for r in rows} - set(methods))
@@ -230,8 +229,84 @@ def plot_drops(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
+
+
+def export_alpha_plots(tracking_uri: str, trials: Sequence[TrialRecord], target: str, out: str | Path) -> list[Path]:
+    """Per method, the softmax(alpha) evolution plots (normal and reduction cells) of its finished
+    trial under `target` with the lowest seed, copied from the trial's artifacts."""
+    import shutil
+    import tempfile
+
+    client = client_for(tracking_uri)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for method in sorted({t.method for t in trials}):
+        chosen = sorted((t for t in trials if t.method == method and t.target == target), key=lambda t: t.seed)
+        if not chosen:
+            continue
+        trial = chosen[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            plots = Path(
+                retrying(lambda trial=trial, tmp=tmp: client.download_artifacts(trial.run_id, "plots", tmp), "download")
+            )
+            for plot in sorted(plots.glob("alpha_*.png")):
+                name = f"alpha_{_slug(method)}_{plot.stem.removeprefix('alpha_')}.png"
+                shutil.copy(plot, out / name)
+                written.append(out / name)
+    return written
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def skip_count_histories(tracking_uri: str, trials: Sequence[TrialRecord]) -> dict[str, dict[str, dict[int, float]]]:
+    """method -> level -> epoch -> skip_connect count, averaged over the method's trials."""
+    client = client_for(tracking_uri)
+    sums: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for trial in trials:
+        for key in trial.metrics:
+            if key.startswith("skip_connect/"):
+                level = key.split("/", 1)[1]
+                history = retrying(lambda key=key, trial=trial: client.get_metric_history(trial.run_id, key), "history")
+                for point in history:
+                    sums[trial.method][level][point.step].append(point.value)
+    return {
+        method: {
+            level: {step: statistics.fmean(v) for step, v in sorted(steps.items())} for level, steps in levels.items()
+        }
+        for method, levels in sums.items()
+    }
+
+
+def plot_skip_counts(histories: dict[str, dict[str, dict[int, float]]], path: str | Path, title: str = "") -> Path:
+    """One panel per method: skip_connect ops in each level's derived cell over the epochs."""
+    plt = pyplot()
+
+    methods = sorted(histories)
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for level, points in histories[method].items():
+            ax.plot(list(points), list(points.values()), marker="o", ms=3, lw=1.4, label=level)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    axes[0][0].set_ylabel("skip_connect ops in the derived cell")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def final_skip_table(histories: dict[str, dict[str, dict[int, float]]]) -> str:
+    levels = sorted({level for method in histories.values() for level in method})
+    lines = ["| method | " + " | ".join(levels) + " |", "|" + "|".join("---" for _ in range(len(levels) + 1)) + "|"]
+    for method in sorted(histories):
+        cells = []
+        for level in levels:
+            points = histories[method].get(level)
+            cells.append(f"{points[max(points)]:.1f}" if points else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
