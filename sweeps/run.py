@@ -96,6 +96,16 @@ def main(argv=None) -> int:
     print(f"MLflow:       {redact(outcome.tracking_uri)}  (experiment '{sweep.mlflow.experiment or sweep.name}')")
     print(f"Open the UI:  {ui_command(outcome.tracking_uri)}")
     print(f"Report:       python sweeps/report.py {sweep.mlflow.experiment or sweep.name}")
+    if outcome.pending:
+        total = sum(count for _, count in outcome.pending)
+        print(f"\nMLflow did not take {total} logging calls (it was unreachable); they are kept in:", file=sys.stderr)
+        for path, count in outcome.pending:
+            print(f"  {path} ({count} calls)", file=sys.stderr)
+        print(
+            f"They are sent when MLflow is back and you run:  python sweeps/run.py {args.sweep} --resume",
+            file=sys.stderr,
+        )
+        return 3
     if outcome.interrupted:
         print(
             f"\nThe sweep was interrupted. Finish it with:  python sweeps/run.py {args.sweep} --resume", file=sys.stderr

@@ -73,6 +73,7 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
     parent = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED" and len(trials) == 4
+    assert "interrupted" not in parent[0].data.tags
     assert parent[0].data.metrics["trials_finished"] == 3 and "best_discretized_acc" in parent[0].data.metrics
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {outcome.parent_run_id}
     failed = [r for r in trials if r.info.status == "FAILED"]

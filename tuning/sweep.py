@@ -298,7 +298,7 @@ def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: 
 
 def _end_open_runs(client, experiment_id: str, sweep_name: str, status: str, reason: str) -> int:
     """Ends the sweep's trial and evaluation runs left RUNNING (they re-open when resumed)."""
-    query = f"tags.sweep = '{sweep_name}' and attributes.status = 'RUNNING'"
+    query = f"tags.sweep = '{sweep_name}' and tags.kind != 'sweep' and attributes.status = 'RUNNING'"
     runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=1000), "search runs")
     for run in runs:
         retrying(lambda run=run: client.set_tag(run.info.run_id, "interrupted", reason), "tag run")

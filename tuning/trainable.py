@@ -129,6 +129,11 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         params_of(config.to_dict(), extras),
         {"sweep": settings.sweep, "kind": "trial"},
     )
+    if run.status == "FINISHED":
+        # Finished before the driver lost track of it (a driver killed between two snapshots of
+        # the sweep's state): report that result instead of searching again.
+        _report(_stored_result(run), None)
+        return
     last: dict[str, Any] = {}
 
     def on_epoch(event: EpochEvent) -> None:
