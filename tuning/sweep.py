@@ -365,6 +365,10 @@ def run_sweep(
     base_dir: str | os.PathLike | None = None,
 ) -> SweepOutcome:
     base = Path(base_dir or os.getcwd()).resolve()
+    # MLflow's HTTP client retries a failing call for minutes by default, which would stall Tune's
+    # event loop in a callback while a server restarts; calls here retry on their own terms.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     storage = _storage_dir(sweep, base)
     experiment_dir = Path(storage) / sweep.name
     search = _resolved_search(sweep, base)
