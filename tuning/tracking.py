@@ -309,7 +309,3 @@ def replay_pending(path: str | os.PathLike, patience: float = 30.0) -> int:
         Path(path).unlink()
         return 0
     return len(run.ops)
-
-
-def TrialRun(tracking_uri: str, experiment_id: str, parent_run_id: str | None, trial_id: str) -> TrackedRun:
-    return TrackedRun(tracking_uri, experiment_id, parent_run_id, "trial_id", trial_id)

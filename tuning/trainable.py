@@ -29,7 +29,7 @@ from nas.network import EvalNetwork, count_parameters
 from nas.search import CHECKPOINT, EpochEvent, SearchConfig, SearchDiverged, arch_lr_scale, run_search, steps_per_epoch
 
 from .config import FINAL_METRICS, method_label, trial_search
-from .tracking import PENDING_FILE, TrialRun, params_of
+from .tracking import PENDING_FILE, TrackedRun, params_of
 
 
 @dataclass
@@ -119,7 +119,7 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     out_dir = Path(context.get_trial_dir()) / "search"
     _restore_checkpoint(out_dir)
 
-    run = TrialRun(settings.tracking_uri, settings.experiment_id, settings.parent_run_id, trial_id)
+    run = TrackedRun(settings.tracking_uri, settings.experiment_id, settings.parent_run_id, "trial_id", trial_id)
     method = method_label(settings.method_label, config.to_dict())
     extras = {
         "method": method,
