@@ -180,7 +180,7 @@ def test_unwritable_storage_is_refused_before_ray(tmp_path):
     with pytest.raises(ConfigError) as info:
         run_sweep(sweep_with(tmp_path, storage=str(blocker / "ray")), base_dir=tmp_path)
     assert info.value.field == "storage" and "cannot be written" in str(info.value)
-    assert not (tmp_path / "m").exists()  # nothing else was created
+    assert not (tmp_path / "m").exists() and not (tmp_path / "ray").exists()  # nothing was created
 
 
 def test_gpus_this_machine_lacks_are_refused_before_ray(tmp_path):
@@ -192,7 +192,7 @@ def test_gpus_this_machine_lacks_are_refused_before_ray(tmp_path):
     with pytest.raises(ConfigError) as info:
         run_sweep(sweep_with(tmp_path, resources={"cpu": 1, "gpu": asked}), base_dir=tmp_path)
     assert info.value.field == "resources.gpu" and "use gpu: 0" in str(info.value)
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "m").exists() and not (tmp_path / "ray").exists()
 
 
 def test_missing_data_is_refused_before_ray(tmp_path):
@@ -203,7 +203,7 @@ def test_missing_data_is_refused_before_ray(tmp_path):
     sweep.search["data"] = {"root": str(tmp_path / "no-cifar"), "download": False}
     with pytest.raises(DataNotFoundError, match="no-cifar"):
         run_sweep(sweep, base_dir=tmp_path)
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "m").exists() and not (tmp_path / "ray").exists()
 
 
 def test_credentials_never_reach_params():

@@ -112,7 +112,7 @@ class Objective:
     mode: Literal["max", "min"] = "max"
 
     def validate(self, path: str) -> None:
-        known = (*FINAL_METRICS, *EPOCH_METRICS)
+        known = tuple(dict.fromkeys((*FINAL_METRICS, *EPOCH_METRICS)))
         if self.metric not in known:
             raise ConfigError(f"{path}.metric", self.metric, f"expected one of {', '.join(known)}")
 
@@ -236,7 +236,9 @@ class SweepConfig:
             for key, spec in self.space.items():
                 if spec.kind() != "categorical" or spec.when:
                     raise ConfigError(
-                        f"space.{key}", to_dict(spec), "the grid sampler needs categorical parameters without `when`"
+                        f"space.{key}",
+                        {k: v for k, v in to_dict(spec).items() if v not in (None, False)},
+                        "the grid sampler needs categorical parameters without `when`",
                     )
             size = self.grid_size()
             if self.num_samples is None:

@@ -186,16 +186,23 @@ def _check_output(experiment_dir: Path, resume: bool) -> None:
 
 
 def _check_writable(path: Path, name: str) -> None:
-    """`path` can be created and written (checked before anything runs)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            name, str(path), f"cannot be written ({err.strerror or err}); choose a writable location"
-        ) from None
+    """`path` could be created and written; checked without creating anything."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "is not a directory" if not existing.is_dir() else "is not writable"
+        raise ConfigError(name, str(path), f"cannot be written ({existing} {reason}); choose a writable location")
+
+
+def _sqlite_path(uri: str, base: Path) -> Path | None:
+    """Where a local sqlite MLflow store would be, before anything creates it."""
+    if uri == "auto":
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///runs/mlflow.db"
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///") :]
+        return Path(rest) if rest.startswith("/") else base / rest
+    return None if "://" in uri else base / uri
 
 
 def _check_gpus_here(sweep: SweepConfig) -> None:
@@ -372,15 +379,17 @@ def run_sweep(
     storage = _storage_dir(sweep, base)
     experiment_dir = Path(storage) / sweep.name
     search = _resolved_search(sweep, base)
+    # Checks that write nothing come first: a refused sweep leaves no trace.
     if "://" not in storage:
         _check_output(experiment_dir, resume)
         _check_writable(Path(storage), "storage")
     if address is None:
         _check_gpus_here(sweep)
     _check_data(search)
+    store = _sqlite_path(sweep.mlflow.tracking_uri, base)
+    if store is not None:
+        _check_writable(store.parent, "mlflow.tracking_uri")
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, base)
-    if local_artifact_root(tracking_uri):
-        _check_writable(Path(local_artifact_root(tracking_uri)).parent, "mlflow.tracking_uri")
 
     _init_ray(address)
     _check_resources(sweep)
