@@ -266,16 +266,34 @@ def _listening_addresses(pids: set[int]) -> set[str]:
     return addresses
 
 
-def test_local_ray_listens_on_loopback_only(local_ray):
-    ray_pids = {os.getpid()}
+def _descendants(root: int) -> set[int]:
+    parents = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                cmdline = (proc / "cmdline").read_bytes()
+                stat = (proc / "stat").read_text()
             except OSError:
                 continue
-            if b"ray" in cmdline.split(b"\0")[0] or b"gcs_server" in cmdline or b"raylet" in cmdline:
-                ray_pids.add(int(proc.name))
+            parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = {child for child, parent in parents.items() if parent == pid} - tree
+        tree |= children
+        frontier.extend(children)
+    return tree
+
+
+def test_local_ray_listens_on_loopback_only(local_ray):
+    @ray.remote
+    def worker_pid() -> int:
+        return os.getpid()
+
+    # Start a worker so its gRPC server is listening too; Ray's processes (GCS, raylet, agents,
+    # workers) all descend from this driver.
+    assert ray.get(worker_pid.remote()) in _descendants(os.getpid())
+    ray_pids = _descendants(os.getpid())
+    assert len(ray_pids) >= 4
     addresses = _listening_addresses(ray_pids)
     assert addresses and addresses <= LOOPBACK, addresses
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")

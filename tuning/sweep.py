@@ -249,6 +249,7 @@ def _init_ray(address: str | None) -> None:
     else:
         # A private single-node instance on loopback, without the dashboard. Workers import this
         # project from where the driver found it, installed or not.
+        _keep_ray_on_loopback()
         root = str(Path(__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(
@@ -257,6 +258,21 @@ def _init_ray(address: str | None) -> None:
             log_to_driver=True,
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
+
+
+def _keep_ray_on_loopback() -> None:
+    """Make a local Ray instance advertise, and so bind its servers to, 127.0.0.1 only.
+
+    On Linux, Ray replaces a `_node_ip_address` of 127.0.0.1 with the address of the machine's
+    outward interface and its gRPC servers then listen on every interface. Ray's switch for
+    single-machine mode (named for Windows and macOS, where it is the default) keeps the node on
+    loopback. The environment variable reaches the processes Ray starts; the constant covers a
+    driver that imported Ray before this call.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _journal_path(sweep: SweepConfig, base: Path, experiment_dir: Path) -> Path:
