@@ -171,7 +171,8 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     final["params"] = float(derived_params(result.genotype))
     final["search_seconds"] = search_seconds
     tick = time.perf_counter()
-    run.log_final(final, config.epochs)
+    # The last epoch already logged discretized_acc and drop at this step, with these values.
+    run.log_final({k: v for k, v in final.items() if last.get(k) != v}, config.epochs)
     run.log_artifacts(out_dir)
     run.set_tags({"genotype": result.genotype.describe(), "target": result.info["target"], "method": method})
     pending, pending_file = _end_run(run, "FINISHED", out_dir)
