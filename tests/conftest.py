@@ -4,6 +4,7 @@ points at it (as .ci/run sets when ../shared/data exists) and generated images o
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,55 @@ def tiny_search_config(**overrides) -> dict:
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+def tiny_sweep_config(name: str, **changes) -> dict:
+    """A sweep of tiny searches (DARTS or DA²S, one after the other) with `changes` on top."""
+    search = tiny_search_config()
+    search.pop("device")  # trials choose their own
+    sweep = {
+        "name": name,
+        "search": search,
+        "space": {"preset": {"choices": ["darts", "da2s"]}},
+        "sampler": {"type": "grid"},
+        "concurrency": 1,
+    }
+    sweep.update(changes)
+    return sweep
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it (Ray's GCS, raylet, agents and workers below a driver)."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = {child for child, parent in parents.items() if parent == pid} - tree
+        tree |= children
+        frontier.extend(children)
+    return tree
+
+
+def processes_named(*prefixes: str) -> set[int]:
+    """Processes on this machine whose command line starts with one of `prefixes` (Ray names its
+    workers `ray::ImplicitFunc`, its agents `ray::DashboardAgent` and `ray::RuntimeEnvAgent`)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(tuple(p.encode() for p in prefixes)):
+                pids.add(int(proc.name))
+    return pids
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Interrupting a sweep (Ctrl-C in the driver) and finishing it with --resume: no finished trial is
-repeated, no run is left RUNNING, and Optuna's study and sampler state carry over."""
+"""A sweep interrupted twice, first with Ctrl-C and then by a SIGKILL of its driver, and finished
+with --resume each time: every trial ends exactly once (no finished trial repeated, no duplicate
+trial run, no run left RUNNING), and Optuna's study and sampler state carry over."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import yaml
-from conftest import tiny_search_config
+from conftest import descendants, processes_named, tiny_sweep_config
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -27,66 +28,86 @@ def all_runs(db: Path) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
-    search = tiny_search_config()
-    search.pop("device")
-    sweep = {
-        "name": "resume",
-        "search": search,
-        # A wide integer range: a sampler restarted from scratch would propose the same seeds again.
-        "space": {"preset": {"choices": ["darts", "da2s"]}, "seed": {"type": "int", "low": 0, "high": 1_000_000}},
-        "sampler": {"type": "tpe", "seed": 7},
-        "num_samples": 4,
-        "concurrency": 1,
+def finished_trials(db: Path) -> dict:
+    return {
+        r.data.tags["trial_id"]: r
+        for r in all_runs(db)
+        if r.data.tags.get("kind") == "trial" and r.info.status == "FINISHED"
     }
+
+
+def run_until(command: list[str], db: Path, finished: int, env: dict, cwd: Path) -> subprocess.Popen:
+    """Start the driver and return it, still running, once `finished` trials have finished."""
+    driver = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(finished_trials(db)) < finished:
+        assert driver.poll() is None, driver.stdout.read()
+        time.sleep(0.3)
+    return driver
+
+
+def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
+    # A wide integer range: a sampler restarted from scratch would propose the same seeds again.
+    seeds = {"type": "int", "low": 0, "high": 1_000_000}
+    sweep = tiny_sweep_config(
+        "resume", space={"preset": {"choices": ["darts", "da2s"]}, "seed": seeds},
+        sampler={"type": "tpe", "seed": 7}, num_samples=4,
+    )  # fmt: skip
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(sweep))
     db = tmp_path / "runs" / "mlflow.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, str(ROOT / "sweeps" / "run.py"), str(path), "-q"]
 
-    driver = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        runs = all_runs(db)
-        if sum(r.info.status == "FINISHED" and r.data.tags.get("kind") == "trial" for r in runs) >= 2:
-            break
-        assert driver.poll() is None, driver.stdout.read()
-        time.sleep(0.5)
+    # 1. Ctrl-C once a trial has finished: the driver ends the runs it started and says how to resume.
+    driver = run_until(command, db, 1, env, tmp_path)
     driver.send_signal(signal.SIGINT)
     output, _ = driver.communicate(timeout=180)
     assert driver.returncode == 130, output
     assert "--resume" in output
-
     runs = all_runs(db)
     parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
     assert parent.info.status == "KILLED"
     assert not [r for r in runs if r.info.status == "RUNNING"]  # nothing left RUNNING
-    before = {
-        r.data.tags["trial_id"]: r for r in runs if r.data.tags.get("kind") == "trial" and r.info.status == "FINISHED"
-    }
+    before = finished_trials(db)
+    assert len(before) >= 1
+
+    # 2. Resumed, then the driver SIGKILLed once another trial has finished: nothing gets to clean up.
+    driver = run_until([*command, "--resume"], db, len(before) + 1, env, tmp_path)
+    ray_processes = descendants(driver.pid)
+    driver.kill()
+    driver.communicate()
+    time.sleep(3)
+    # The trial workers die with the driver; Ray's agents outlive it but do no trial work.
+    assert not processes_named("ray::ImplicitFunc") & ray_processes
+    for pid in processes_named("ray::DashboardAgent", "ray::RuntimeEnvAgent") & ray_processes:
+        os.kill(pid, signal.SIGKILL)
+    before = finished_trials(db)
     assert len(before) >= 2
 
+    # 3. Resumed again: it runs to the end.
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
 
     runs = all_runs(db)
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
-    assert len(trials) == 4 and len({r.data.tags["trial_id"] for r in trials}) == 4  # no duplicates
-    assert all(r.info.status == "FINISHED" for r in trials)
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert len(finished) == 4 and len({r.data.tags["trial_id"] for r in finished}) == 4  # each trial once
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # no orphan left RUNNING
+    # A trial in flight when the driver died before saving its state is replaced; its run says so.
+    assert all(r.data.tags.get("lost") for r in trials if r.info.status != "FINISHED")
     for trial_id, old in before.items():  # finished trials were not run again
-        new = next(r for r in trials if r.data.tags["trial_id"] == trial_id)
-        assert new.info.end_time == old.info.end_time and "resumed" not in new.data.tags
-    assert len({r.data.params["seed"] for r in trials}) == 4
+        new = next(r for r in finished if r.data.tags["trial_id"] == trial_id)
+        assert new.info.end_time == old.info.end_time
+    assert len({r.data.params["seed"] for r in finished}) == 4
     parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
     assert parent.info.status == "FINISHED" and parent.data.tags.get("resumed") == "true"
 
-    # Optuna's study: all four trials told their results, the first ones before the interruption.
+    # Optuna's study: all four trials told their results, the first ones before the interruptions.
     study = optuna.load_study(
         study_name="resume",
         storage=JournalStorage(JournalFileBackend(str(tmp_path / "runs" / "ray" / "resume" / "optuna.journal"))),
     )
-    assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
-    assert sorted(str(t.params["seed"]) for t in study.trials) == sorted(r.data.params["seed"] for r in trials)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4 and not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert sorted(str(t.params["seed"]) for t in complete) == sorted(r.data.params["seed"] for r in finished)

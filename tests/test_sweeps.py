@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import real_data_root, tiny_search_config
+from conftest import descendants, processes_named, real_data_root, tiny_search_config, tiny_sweep_config
 from mlflow.tracking import MlflowClient
 
 from nas.search import SearchConfig, run_search
@@ -32,19 +34,8 @@ def local_ray():
 
 
 def sweep_dict(tmp_path: Path, name: str, **changes) -> dict:
-    search = tiny_search_config()
-    search.pop("device")
-    data = {
-        "name": name,
-        "search": search,
-        "space": {"preset": {"choices": ["darts", "da2s"]}},
-        "sampler": {"type": "grid"},
-        "concurrency": 2,
-        "storage": str(tmp_path / "ray"),
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    }
-    data.update(changes)
-    return data
+    stores = {"storage": str(tmp_path / "ray"), "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    return tiny_sweep_config(name, **{"concurrency": 2, **stores, **changes})
 
 
 def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
@@ -128,18 +119,24 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
     assert "darts supernet" in table and "da2s drop" in table
     assert "CIFAR-10 test error" in markdown_table(list(rows.values()))
 
+    # The published study's report: tables, drops, skip_connect counts, alpha and beta plots.
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "sweeps" / "report.py"), "e2e",
+         "--tracking-uri", outcome.tracking_uri, "--out", str(out), "--skips", "--alpha-plots", "[2, 2, 2, 2]"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "skip_connect ops per level" in (out / "report.md").read_text()
+    pictures = {p.name for p in out.glob("*.png")}
+    assert pictures == {"drops.png", "skip_connect.png", "alpha_darts_normal.png", "alpha_darts_reduce.png",
+                        "alpha_da2s_normal.png", "alpha_da2s_reduce.png",
+                        "edge_weights_da2s_normal.png", "edge_weights_da2s_reduce.png"}  # fmt: skip
 
-def _worker_pids() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(b"ray::ImplicitFunc"):
-                pids.append(int(proc.name))
-    return pids
+
+def _worker_pids() -> set[int]:
+    """This test's trial workers (a Ray instance elsewhere on the machine is left alone)."""
+    return processes_named("ray::ImplicitFunc") & descendants(os.getpid())
 
 
 def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray):
@@ -189,9 +186,6 @@ def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray
 
 
 def test_multi_objective_sweep_with_asha_and_its_report(tmp_path, local_ray):
-    import subprocess
-    import sys
-
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -266,24 +260,6 @@ def _listening_addresses(pids: set[int]) -> set[str]:
     return addresses
 
 
-def _descendants(root: int) -> set[int]:
-    parents = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = {child for child, parent in parents.items() if parent == pid} - tree
-        tree |= children
-        frontier.extend(children)
-    return tree
-
-
 def test_local_ray_listens_on_loopback_only(local_ray):
     @ray.remote
     def worker_pid() -> int:
@@ -291,8 +267,8 @@ def test_local_ray_listens_on_loopback_only(local_ray):
 
     # Start a worker so its gRPC server is listening too; Ray's processes (GCS, raylet, agents,
     # workers) all descend from this driver.
-    assert ray.get(worker_pid.remote()) in _descendants(os.getpid())
-    ray_pids = _descendants(os.getpid())
+    assert ray.get(worker_pid.remote()) in descendants(os.getpid())
+    ray_pids = descendants(os.getpid())
     assert len(ray_pids) >= 4
     addresses = _listening_addresses(ray_pids)
     assert addresses and addresses <= LOOPBACK, addresses

@@ -234,7 +234,8 @@ def plot_drops(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
 
 def export_alpha_plots(tracking_uri: str, trials: Sequence[TrialRecord], target: str, out: str | Path) -> list[Path]:
     """Per method, the softmax(alpha) evolution plots (normal and reduction cells) of its finished
-    trial under `target` with the lowest seed, copied from the trial's artifacts."""
+    trial under `target` with the lowest seed, and its edge-weight (beta) plots where it has edge
+    parameters, copied from the trial's artifacts."""
     import shutil
     import tempfile
 
@@ -251,8 +252,9 @@ def export_alpha_plots(tracking_uri: str, trials: Sequence[TrialRecord], target:
             plots = Path(
                 retrying(lambda trial=trial, tmp=tmp: client.download_artifacts(trial.run_id, "plots", tmp), "download")
             )
-            for plot in sorted(plots.glob("alpha_*.png")):
-                name = f"alpha_{_slug(method)}_{plot.stem.removeprefix('alpha_')}.png"
+            for plot in sorted([*plots.glob("alpha_*.png"), *plots.glob("edge_weights_*.png")]):
+                kind, level = plot.stem.rsplit("_", 1)
+                name = f"{kind}_{_slug(method)}_{level}.png"
                 shutil.copy(plot, out / name)
                 written.append(out / name)
     return written
