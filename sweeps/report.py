@@ -4,7 +4,7 @@
 
 Prints Markdown (or CSV): per method and target, supernet accuracy, discretized accuracy and drop,
 with and without BN recalibration (mean ± std over seeds), and the derived network's parameters;
-with --layout table4 (the default when a sweep has several methods), targets in rows and methods
+with --layout table4 (the default for two or three methods under several targets), targets in rows and methods
 side by side as in the DA²S paper's Table 4. Also writes OUT/drops.png and OUT/report.md.
 """
 
@@ -70,8 +70,9 @@ def main(argv=None) -> int:
     if args.csv:
         print(csv_table(rows), end="")
         return 0
-    several_methods = len({r.method for r in rows}) > 1
-    layout = args.layout if args.layout != "auto" else ("table4" if several_methods else "rows")
+    # Methods side by side per target when that makes a readable table: a few methods, several targets.
+    side_by_side = 1 < len({r.method for r in rows}) <= 3 and len({r.target for r in rows}) > 1
+    layout = args.layout if args.layout != "auto" else ("table4" if side_by_side else "rows")
     text = f"# {args.experiment}\n\n{len(finished)} finished trials"
     if other:
         states = ", ".join(sorted({t.status + (" early-stopped" if "early_stopped" in t.tags else "") for t in other}))
