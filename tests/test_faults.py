@@ -50,7 +50,11 @@ def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts",
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    server = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Without MLflow's job runner (a pool of worker processes for its GenAI jobs, unused here).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        command, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:

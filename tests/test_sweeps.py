@@ -142,7 +142,7 @@ def _worker_pids() -> set[int]:
 def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray):
     from tuning.sweep import run_sweep
 
-    search = tiny_search_config(epochs=6, data={**tiny_search_config()["data"], "subset": 640})
+    search = tiny_search_config(epochs=4, data={**tiny_search_config()["data"], "subset": 640})
     search.pop("device")
     sweep = SweepConfig.from_dict(
         sweep_dict(
@@ -172,7 +172,7 @@ def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray
     runs = [r for r in client.search_runs([outcome.experiment_id]) if r.data.tags.get("kind") == "trial"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags.get("resumed") == "true"
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "valid_acc")}
-    assert steps == {1, 2, 3, 4, 5, 6}
+    assert steps == {1, 2, 3, 4}
 
     # The same search never interrupted, on as many threads as the trial had, ends identically.
     threads = torch.get_num_threads()
