@@ -67,16 +67,21 @@ def tiny_sweep_config(name: str, **changes) -> dict:
     return sweep
 
 
-def descendants(root: int) -> set[int]:
-    """`root` and every process below it (Ray's GCS, raylet, agents and workers below a driver)."""
-    parents = {}
+def _each_process(entry: str) -> dict[int, bytes]:
+    """pid -> the content of /proc/PID/`entry`, for every process still there to read it."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                stat = (proc / "stat").read_text()
+                found[int(proc.name)] = (proc / entry).read_bytes()
             except OSError:
                 continue
-            parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it (Ray's GCS, raylet, agents and workers below a driver)."""
+    parents = {pid: int(stat.rsplit(b")", 1)[1].split()[1]) for pid, stat in _each_process("stat").items()}
     tree, frontier = {root}, [root]
     while frontier:
         pid = frontier.pop()
@@ -89,16 +94,8 @@ def descendants(root: int) -> set[int]:
 def processes_named(*prefixes: str) -> set[int]:
     """Processes on this machine whose command line starts with one of `prefixes` (Ray names its
     workers `ray::ImplicitFunc`, its agents `ray::DashboardAgent` and `ray::RuntimeEnvAgent`)."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(tuple(p.encode() for p in prefixes)):
-                pids.add(int(proc.name))
-    return pids
+    starts = tuple(p.encode() for p in prefixes)
+    return {pid for pid, cmdline in _each_process("cmdline").items() if cmdline.startswith(starts)}
 
 
 @pytest.fixture(scope="session")
