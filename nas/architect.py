@@ -9,6 +9,11 @@ product H v = grad^2_{alpha,w} L_train v is taken by central differences at w +-
 R = 0.01 / ||v||, around the original w (not w'). The regularisers depend on alpha and beta only,
 so their gradient adds directly.
 
+Precision: the whole second-order gradient is computed in float32 even where the search's forward
+runs under bf16 autocast. The finite difference moves each weight by R v_i, far below bf16's
+resolution (8 bits of mantissa): in bf16 most weights are identical at w + R v and w - R v, and the
+difference quotient is rounding noise.
+
 The supernet is never modified in place: perturbed and virtual weights go through
 `torch.func.functional_call` with copies of the BN buffers, so the step leaves the running
 statistics and the weights exactly as they were.
@@ -83,6 +88,10 @@ class Architect:
         return F.cross_entropy(logits, labels)
 
     def second_order_grads(self, valid_batch, train_batch, loss_weights, eta, weight_optimizer):
+        with self.supernet.full_precision():
+            return self._second_order_grads(valid_batch, train_batch, loss_weights, eta, weight_optimizer)
+
+    def _second_order_grads(self, valid_batch, train_batch, loss_weights, eta, weight_optimizer):
         names, weights = zip(*self.supernet.named_parameters())
         # Copies of the BN running statistics absorb the updates of the extra forward passes.
         buffers = {name: b.clone() for name, b in self.supernet.named_buffers()}

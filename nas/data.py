@@ -229,19 +229,42 @@ def make_search_data(config: DataConfig) -> SearchData:
     return SearchData(*sets, num_classes=10, resolution=config.resolution)
 
 
+_NORM_CACHE: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR mean and std as (1, 3, 1, 1) tensors, made once per device (no host copy per batch)."""
+    key = (device, dtype)
+    if key not in _NORM_CACHE:
+        mean = torch.tensor(CIFAR_MEAN, dtype=dtype).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(CIFAR_STD, dtype=dtype).view(1, 3, 1, 1).to(device)
+        _NORM_CACHE[key] = (mean, std)
+    return _NORM_CACHE[key]
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    mean = torch.tensor(CIFAR_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device, dtype)
     return (images.to(dtype) / 255.0 - mean) / std
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int) -> torch.Tensor:
-    """RandomCrop(size, padding) with zero fill and a random horizontal flip, for a whole batch of
-    uint8 images at once."""
-    n, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
+def crop_flip_draws(n: int, generator: torch.Generator, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of `random_crop_flip` for a batch of n: offsets (2, n) and flips (n,)."""
     offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
     flips = torch.rand(n, generator=generator) < 0.5
+    return offsets, flips
+
+
+def random_crop_flip(
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    padding: int,
+    draws: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """RandomCrop(size, padding) with zero fill and a random horizontal flip, for a whole batch of
+    uint8 images at once. `draws` (from `crop_flip_draws`, on any device) replaces the generator."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    offsets, flips = draws if draws is not None else crop_flip_draws(n, generator, padding)
     offsets, flips = offsets.to(images.device), flips.to(images.device)
     rows = (offsets[0, :, None] + torch.arange(h, device=images.device))[:, None, :, None]
     cols = offsets[1, :, None] + torch.arange(w, device=images.device)
@@ -281,14 +304,24 @@ def batches(
     permutation when one pass ends (for the architecture stream, which follows the weight stream's
     step count)."""
     padding = data.images.shape[-1] // 8
+    device = data.images.device
     while True:
         order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
-        order = order.to(data.images.device)
-        for start in range(0, len(data), batch_size):
+        starts = range(0, len(data), batch_size)
+        if augment:
+            # Every batch's crop and flip numbers of this pass, drawn in the order a batch-by-batch
+            # draw would take them (the same augmentation), then moved to the device in one copy:
+            # on a GPU no batch waits for a host-to-device transfer.
+            draws = [crop_flip_draws(len(order[s : s + batch_size]), generator, padding) for s in starts]
+            offsets = torch.cat([o for o, _ in draws], dim=1).to(device, non_blocking=True)
+            flips = torch.cat([f for _, f in draws]).to(device, non_blocking=True)
+        order = order.to(device, non_blocking=True)
+        for start in starts:
             index = order[start : start + batch_size]
             images = data.images[index]
             if augment:
-                images = random_crop_flip(images, generator, padding)
+                stop = start + len(index)
+                images = random_crop_flip(images, None, padding, (offsets[:, start:stop], flips[start:stop]))
             yield normalize(images), data.labels[index]
         if not cycle:
             return

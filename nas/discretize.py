@@ -103,13 +103,15 @@ def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 256) -> tuple[f
     """Top-1 accuracy (%) and mean cross-entropy of `model` on `data`, in eval mode."""
     was_training = model.training
     model.eval()
-    correct, loss_sum = 0, 0.0
+    # Sums stay on the device until the end: one synchronisation per pass, not two per batch.
+    correct = torch.zeros((), dtype=torch.long, device=data.labels.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=data.labels.device)
     for images, labels in batches(data, batch_size, torch.Generator(), augment=False, shuffle=False):
         logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
     model.train(was_training)
-    return 100.0 * correct / len(data), loss_sum / len(data)
+    return 100.0 * correct.item() / len(data), loss_sum.item() / len(data)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

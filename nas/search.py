@@ -508,6 +508,8 @@ def _flat_metrics(record: Mapping[str, Any]) -> dict[str, float]:
         metrics[name] = float(value)
     for name, value in record["loss_weights"].items():
         metrics[f"weight_{name}"] = float(value)
+    for phase, seconds in record.get("phase_seconds", {}).items():
+        metrics[f"seconds_{phase}"] = float(seconds)
     for key in ("skip_connect", "op_entropy_per_edge", "max_op_weight"):
         for level, value in record[key].items():
             metrics[f"{key}/{level}"] = float(value)
@@ -561,6 +563,19 @@ def _train_epoch(
         )
     stats["loss_terms"] = {k: v.item() for k, v in terms.items()}
     return stats
+
+
+class _PhaseClock:
+    """Seconds per named phase of an epoch, lap by lap."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -637,13 +652,21 @@ def run_search(
         alpha_lr = 0.0 if epoch < alpha_start else search.alpha_lr
         search.arch_optimizer.param_groups[0]["lr"] = alpha_lr
         loss_weights = config.loss.weights_at(epoch, config.epochs)
+        # Wall time per phase; each phase ends by reading a value from the device, so on a GPU
+        # the times are those of the work itself, not of queueing it.
+        clock = _PhaseClock()
         stats = _train_epoch(search, data, epoch, lr, loss_weights, progress)
+        clock.lap("train")
         with torch.no_grad():
             bound = BoundSupernet(search.supernet, search.arch())
         valid_acc, valid_loss = accuracy(bound, data.eval)
+        clock.lap("eval")
         genotype = derive_genotype(search.arch)
         trained_edges = [None if w is None else w.detach() for w in bound.weights.edges]
         discretized_acc, _ = accuracy(DiscretizedNetwork(search.supernet, genotype, trained_edges), data.eval)
+        clock.lap("discretize")
+        diagnostics = _diagnostics(search, genotype)
+        clock.lap("diagnostics")
         record = {
             "epoch": epoch,
             "lr": lr,
@@ -656,8 +679,9 @@ def run_search(
             # trained edge weights, stored BN statistics: the final `discretized_acc` at the last epoch
             "discretized_acc": discretized_acc,
             "drop": valid_acc - discretized_acc,
-            **_diagnostics(search, genotype),
+            **diagnostics,
             "seconds": time.perf_counter() - epoch_started,
+            "phase_seconds": clock.laps,
         }
         history.append(record)
         log.info(
@@ -675,14 +699,19 @@ def run_search(
         if out is not None:
             checkpoint_path = out / CHECKPOINT
             save_atomic(search.state(epoch, history), checkpoint_path)
+            clock.lap("checkpoint")
         event = EpochEvent(epoch, config.epochs, record, _flat_metrics(record), checkpoint_path)
         for callback in callbacks:
             callback(event)
+        if callbacks:
+            clock.lap("callbacks")  # in result.json's history; the checkpoint's copy ends before it
 
+    final_started = time.perf_counter()
     genotype = derive_genotype(search.arch)
     metrics = search.discretize(genotype, data)
     metrics.update(convergence_metrics(search.arch, genotype))
     info = {
+        "final_metrics_seconds": time.perf_counter() - final_started,
         "target": search.target.describe(),
         "method": config.method(),
         "arch_lr_scale": search.lr_scale,
@@ -691,6 +720,8 @@ def run_search(
         "device": str(device),
         "seconds": time.perf_counter() - started,
     }
+    if device.type == "cuda":
+        info["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result = SearchResult(config, history, genotype, metrics, info, out)
     log.info(
         "done: supernet %.2f%%, discretized %.2f%% (drop %.2f), after BN recalibration %.2f%%; genotype\n%s",

@@ -13,7 +13,8 @@ to choose), separate from the supernet's weights so that each has its own optimi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,28 @@ from torch import nn
 from .fused import FusedCell
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 from .space import EdgeGroup, SearchSpace, Target
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 convolutions and matrix products without TF32 inside the block (CUDA's default for
+    cuDNN convolutions on Ampere and later is TF32)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        matmul = torch.backends.cuda.matmul
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+    else:  # PyTorch before the fp32_precision settings
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class ArchWeights(NamedTuple):
@@ -127,6 +150,18 @@ class Supernet(nn.Module):
         """Run the forward under torch.autocast with `dtype` (bfloat16 on GPUs); logits stay float32."""
         self.autocast_dtype = dtype
         return self
+
+    @contextmanager
+    def full_precision(self) -> Iterator[Supernet]:
+        """Forward passes in IEEE float32 inside the block, whatever `set_autocast` chose and with
+        TF32 off (the second-order architect: its finite differences are below the resolution of
+        bf16 and of TF32's 10-bit mantissa)."""
+        saved, self.autocast_dtype = self.autocast_dtype, None
+        try:
+            with ieee_float32():
+                yield self
+        finally:
+            self.autocast_dtype = saved
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=self.memory_format)

@@ -97,3 +97,30 @@ def test_second_order_step_leaves_weights_and_bn_statistics_untouched():
         assert torch.equal(v, before[k]), k
     assert not torch.equal(arch.alphas[0], alpha_before)
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_second_order_is_float32_under_bf16_autocast():
+    """A search that runs its forward in bf16 gets the float32 second-order gradient: the finite
+    differences of the Hessian-vector product are far below bf16's resolution."""
+    net, arch, w_opt, a_opt, train, valid = setup(True, dtype=torch.float32)
+    weights = {"op_entropy": 0.1, "edge_entropy": 0.2, "edge_count": 0.1}
+    architect = Architect(net, arch, a_opt, "second", MU, WD)
+    reference, _ = architect.second_order_grads(valid, train, weights, ETA, w_opt)
+    net.set_autocast(torch.bfloat16)
+    mixed, _ = architect.second_order_grads(valid, train, weights, ETA, w_opt)
+    assert net.autocast_dtype == torch.bfloat16  # the weight step still runs in bf16
+    for a, b in zip(reference, mixed):
+        assert torch.equal(a, b)
+
+    # What the float32 block prevents: the same Hessian-vector product with the perturbed
+    # forward passes in bf16 is mostly rounding noise.
+    names, params = zip(*net.named_parameters())
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    g = torch.Generator().manual_seed(3)
+    v = [torch.randn(p.shape, generator=g) * 1e-2 for p in params]
+    with net.full_precision():
+        exact = architect.hessian_vector_product(names, params, v, buffers, train)
+    noisy = architect.hessian_vector_product(names, params, v, buffers, train)
+    flat = lambda grads: torch.cat([x.flatten() for x in grads])  # noqa: E731
+    error = (flat(noisy) - flat(exact)).norm() / flat(exact).norm()
+    assert error > 0.1, error
