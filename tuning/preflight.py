@@ -39,12 +39,26 @@ CONNECT_TIMEOUT_S = 20.0  # to reach the address at all; then up to ~40 s for Ra
 
 
 def resolve_address(address: str) -> str:
-    """HOST:PORT of the cluster `address` names (`auto`: RAY_ADDRESS, or the cluster that the last
-    `ray start` on this machine recorded), or a ConfigError naming `--address`."""
+    """HOST:PORT of the cluster `address` names, or a ConfigError naming `--address`.
+
+    `auto`: $RAY_ADDRESS, else the cluster the last `ray start --head` on this machine recorded in
+    Ray's temp folder (as on a `ray up` head). Unlike Ray's own `auto`, never just any Ray instance
+    found running on the machine (another user's, say)."""
+    from ray._common.utils import get_ray_address_file
     from ray._private import services
 
+    named = address
+    if address == "auto":
+        named = os.environ.get("RAY_ADDRESS") or ""
+        recorded = Path(get_ray_address_file(None))
+        if not named and recorded.is_file():
+            named = recorded.read_text().strip()
+        if not named:
+            raise ConfigError(
+                "--address", address, f"no Ray cluster is recorded on this machine ({recorded}); give HOST:PORT"
+            )
     try:
-        resolved = services.canonicalize_bootstrap_address(address)
+        resolved = services.canonicalize_bootstrap_address(named)
     except (ConnectionError, ValueError) as err:
         raise ConfigError("--address", address, f"names no Ray cluster ({err})") from None
     if not resolved:
