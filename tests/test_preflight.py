@@ -210,3 +210,10 @@ def test_sweep_on_a_cluster_that_starts_without_workers(tmp_path, fake_autoscali
     assert finished.info.status == "FINISHED" and "discretized_acc" in finished.data.metrics
     assert finished.data.params["device_effective"] == "cpu" and finished.data.params["amp_dtype"] == "float32"
     assert failed.info.status == "FAILED" and "AcceleratorError" in failed.data.tags["failure"]
+
+
+def test_exit_codes_are_documented_in_help():
+    done = subprocess.run([*RUN, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    codes = [line.split()[0] for line in done.stdout.split("exit status:")[1].splitlines() if line[:5].strip()]
+    assert codes == ["0", "2", "3", "4", "130", "1"]
