@@ -215,5 +215,6 @@ def test_sweep_on_a_cluster_that_starts_without_workers(tmp_path, fake_autoscali
 def test_exit_codes_are_documented_in_help():
     done = subprocess.run([*RUN, "--help"], capture_output=True, text=True)
     assert done.returncode == 0
-    codes = [line.split()[0] for line in done.stdout.split("exit status:")[1].splitlines() if line[:5].strip()]
+    block = done.stdout.split("exit status:")[1].split("\n\n")[0]
+    codes = [line.split()[0] for line in block.splitlines() if line[:5].strip()]
     assert codes == ["0", "2", "3", "4", "130", "1"]
