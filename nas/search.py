@@ -118,13 +118,18 @@ class RuntimeConfig:
     # The fused forward (nas/fused.py) instead of the DARTS-style loop over every op of every edge.
     fused: bool = True
     channels_last: bool = True
-    # bf16 autocast for the supernet's forward: `auto` uses it on CUDA, not on CPU.
+    # bf16 autocast for the forward. `auto`: on GPUs that compute bf16 natively (compute capability
+    # >= 8.0: A100, A10G, L4, H100, ...); float32 elsewhere: on the CPU and on older GPUs (T4, V100),
+    # where bf16 is emulated and slow and fp16 would need loss scaling. `bf16` forces it anywhere.
     amp: Literal["auto", "off", "bf16"] = "auto"
     # torch.compile the supernet (in place; CUDA mainly: on CPU it needs a C++ compiler and minutes).
     compile: bool = False
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        if self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda"):
+        """The autocast dtype on `device`; None: float32, no autocast."""
+        if self.amp == "bf16":
+            return torch.bfloat16
+        if self.amp == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
             return torch.bfloat16
         return None
 

@@ -3,7 +3,19 @@
 python sweeps/run.py                          # sweeps/quick.yaml: a few minutes on a laptop
 python sweeps/run.py sweeps/table4.yaml       # the DA2S Table 4 study
 python sweeps/run.py SWEEP.yaml --resume      # finish an interrupted sweep
-python sweeps/run.py SWEEP.yaml --address auto   # on a Ray cluster (ray up cluster.yaml)
+python sweeps/run.py SWEEP.yaml --address auto   # on a Ray cluster's head (ray up cluster.yaml)
+
+exit status:
+  0    every trial (and evaluation) finished; a trial that diverged finished with that result
+  2    refused before any trial started: a bad sweep setting, missing data, resources that no
+       node of the cluster (present, or addable by its autoscaler) offers, or an --address where
+       no Ray cluster answers; the message names the field
+  3    finished, but MLflow did not take some logging calls (unreachable); they are kept, and
+       `--resume` sends them
+  4    finished, but trials or evaluations errored; the summary lists each with its reason
+       (`--resume` runs the errored trials again)
+  130  interrupted (Ctrl-C or SIGTERM): the state is saved; `--resume` finishes the sweep
+  1    the driver itself failed (a traceback says where)
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EXIT_OK, EXIT_REFUSED, EXIT_PENDING, EXIT_ERRORED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 from nas.config import ConfigError  # noqa: E402
@@ -53,6 +66,13 @@ def print_summary(outcome, sweep: SweepConfig) -> None:
             print(f"{'':28s} {t.error}")
 
 
+def errored(outcome) -> list[tuple[str, str]]:
+    """(id, reason) of every trial and evaluation that errored (not: diverged, which is a result)."""
+    found = [(t.trial_id, t.error or "no reason recorded") for t in outcome.trials if t.status == "ERROR"]
+    found += [(e.eval_id, e.error or "no reason recorded") for e in outcome.evaluations if e.status != "FINISHED"]
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -62,8 +82,15 @@ def main(argv=None) -> int:
         "--resume", action="store_true", help="finish an interrupted sweep without repeating finished trials"
     )
     parser.add_argument(
-        "--address", help="Ray cluster address (`auto` on a cluster node); default: a local Ray instance"
+        "--address",
+        help="Ray cluster address (`auto` on a cluster node); default: a new local Ray instance. An address "
+        "where no cluster answers stops the sweep within about a minute",
     )
+    parser.add_argument(
+        "--cluster-config", metavar="YAML",
+        help="the autoscaler's cluster config, for the resource check (default with --address: "
+        "~/ray_bootstrap_config.yaml, which `ray up` puts on the head)",
+    )  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a sweep field, e.g. num_samples=8 or search.epochs=2")  # fmt: skip
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the summary")
@@ -73,15 +100,16 @@ def main(argv=None) -> int:
 
     try:
         sweep = SweepConfig.load(args.sweep, args.overrides)
-        from tuning.sweep import run_sweep
+        from tuning.sweep import install_sigterm_as_interrupt, run_sweep
 
-        outcome = run_sweep(sweep, resume=args.resume, address=args.address)
-    except ConfigError as err:
+        install_sigterm_as_interrupt()
+        outcome = run_sweep(sweep, resume=args.resume, address=args.address, cluster_config=args.cluster_config)
+    except (ConfigError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except DataNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("\nInterrupted before the sweep's trials started.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     print_summary(outcome, sweep)
     if outcome.evaluations:
@@ -105,13 +133,19 @@ def main(argv=None) -> int:
             f"They are sent when MLflow is back and you run:  python sweeps/run.py {args.sweep} --resume",
             file=sys.stderr,
         )
-        return 3
+    failures = errored(outcome)
+    if failures:
+        print(f"\n{len(failures)} errored:", file=sys.stderr)
+        for name, reason in failures:
+            print(f"  {name}: {reason}", file=sys.stderr)
     if outcome.interrupted:
         print(
             f"\nThe sweep was interrupted. Finish it with:  python sweeps/run.py {args.sweep} --resume", file=sys.stderr
         )
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    if outcome.pending:
+        return EXIT_PENDING
+    return EXIT_ERRORED if failures else EXIT_OK
 
 
 if __name__ == "__main__":

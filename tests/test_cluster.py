@@ -1,9 +1,13 @@
 """cluster.yaml is a valid Ray cluster-launcher config (validated offline against Ray's own schema)
-and sets up what a sweep on it needs."""
+and sets up what a sweep on it needs; its setup and start commands run as Ray's launcher runs
+them, in a login shell, with the commands that reach the cloud or start Ray stubbed."""
 
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +41,7 @@ def test_gpu_workers_project_install_and_mlflow_server(cluster):
     assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))  # AWS GPU instance families
     assert gpu["max_workers"] >= 1
     setup = " ".join(cluster["setup_commands"])
-    assert "pip install -e /home/ubuntu/da2s-nas" in setup and "ray[default]" in setup
+    assert "pip install -e ~/da2s-nas" in setup and "ray[default]" in setup
     assert cluster["file_mounts"]["/home/ubuntu/da2s-nas"] == "."
     head = " ".join(cluster["head_start_ray_commands"])
     assert "mlflow server" in head and "--serve-artifacts" in head
@@ -57,3 +61,130 @@ def test_ray_token_authentication_is_on_with_one_shared_token(cluster):
     starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
     assert any("RAY_AUTH_MODE=token" in c for c in cluster["setup_commands"])
+
+
+def test_spot_gpu_workers_with_declared_resources_image_and_instance_profile(cluster):
+    from tuning.preflight import check_request, node_types_from_yaml
+
+    gpu = cluster["available_node_types"]["gpu_worker"]
+    assert gpu["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert gpu["node_config"]["IamInstanceProfile"]["Name"]
+    for node_type in cluster["available_node_types"].values():  # one image, with its Python, everywhere
+        assert node_type["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/")
+        assert "ubuntu-24.04" in node_type["node_config"]["ImageId"]
+    # What the sweep's resource check reads on the head: the table4 request fits a worker type.
+    types = node_types_from_yaml(cluster)
+    assert [t.name for t in types] == ["gpu_worker"] and types[0].resources == {"CPU": 8.0, "GPU": 1.0}
+    assert not check_request("resources", 4, 0.5, [], types).live
+
+
+# Runs every command as Ray's node updater does (its own wrapper functions), in a PID namespace of
+# its own so that `pkill` sees only the processes started here.
+HARNESS = r"""
+import json, os, subprocess, sys
+from ray.autoscaler._private.command_runner import _with_environment_variables, _with_interactive
+
+def run(cmd):
+    line = " ".join(_with_interactive(_with_environment_variables(cmd, {"RAY_HEAD_IP": "10.0.0.5"})))
+    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60)
+    return {"command": cmd, "rc": done.returncode, "output": (done.stdout + done.stderr)[-2000:]}
+
+def servers():
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if len(cmdline) > 2 and cmdline[1].endswith(b"/mlflow") and cmdline[2] == b"server":
+            found.append(int(pid))
+    return found
+
+stages = json.loads(sys.argv[1])
+report = {}
+for name, commands in stages:
+    report.setdefault(name, []).extend(run(c) for c in commands)
+    report.setdefault("servers", []).append(servers())
+print(json.dumps(report))
+"""
+
+SHIM = """#!/bin/sh
+echo "$(basename "$0") $*" >> "$SHIM_LOG"
+"""
+# A stand-in MLflow server: a long-running process whose command line is `.../mlflow server ...`.
+MLFLOW_SHIM = """#!{python}
+import os, sys, time
+with open(os.environ["SHIM_LOG"], "a") as log:
+    log.write("mlflow " + " ".join(sys.argv[1:]) + "\\n")
+if sys.argv[1:2] == ["server"]:
+    time.sleep(60)
+"""
+# python3 -m venv DIR: an empty activate script.
+PYTHON3_SHIM = (
+    SHIM
+    + """[ "$1 $2" = "-m venv" ] && mkdir -p "$3/bin" && : > "$3/bin/activate"
+exit 0
+"""
+)
+
+
+def run_launcher_commands(tmp_path: Path, stages: list) -> tuple[dict, list[str]]:
+    home, shims = tmp_path / "home", tmp_path / "shims"
+    home.mkdir()
+    shims.mkdir()
+    for name in ("ray", "pip", "aws", "nvidia-smi", "sudo", "apt-get", "python"):
+        (shims / name).write_text(SHIM)
+    (shims / "python3").write_text(PYTHON3_SHIM)
+    (shims / "hostname").write_text(SHIM + "echo 10.0.0.4\n")
+    (shims / "mlflow").write_text(MLFLOW_SHIM.format(python=sys.executable))
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    # As on Ubuntu: a login shell reads ~/.profile, which reads ~/.bashrc. (/etc/profile resets
+    # PATH before, so nothing but the stubs and the system's own tools is found.)
+    (home / ".profile").write_text(f'export PATH="{shims}:$PATH"\n[ -f ~/.bashrc ] && . ~/.bashrc\n')
+    (home / ".bashrc").write_text("# ~/.bashrc\n")
+    harness = tmp_path / "harness.py"
+    harness.write_text(HARNESS)
+    log = tmp_path / "shims.log"
+    env = {"HOME": str(home), "SHIM_LOG": str(log), "PATH": f"{shims}:/usr/bin:/bin", "TERM": "dumb",
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(harness), json.dumps(stages)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), log.read_text().splitlines() if log.exists() else []
+
+
+def test_setup_and_start_commands_run_under_rays_login_shell(cluster, tmp_path):
+    head = cluster["setup_commands"] + cluster["head_setup_commands"]
+    start = cluster["head_start_ray_commands"]
+    worker = cluster["setup_commands"] + cluster["worker_setup_commands"] + cluster["worker_start_ray_commands"]
+    # The head started twice (`ray up` again on a running cluster): the second start replaces the
+    # first MLflow server instead of killing its own shell.
+    report, calls = run_launcher_commands(tmp_path, [["head", head], ["start", start], ["restart", start],
+                                                     ["worker", worker]])  # fmt: skip
+    for stage in ("head", "start", "restart", "worker"):
+        for result in report[stage]:
+            assert result["rc"] == 0, result
+    first, second = report["servers"][1], report["servers"][2]
+    assert len(first) == 1 and len(second) == 1 and first != second  # the old server stopped, a new one runs
+    assert [c for c in calls if c.startswith("ray start --head")] == [
+        "ray start --head --port=6379 --object-manager-port=8076 --autoscaling-config=~/ray_bootstrap_config.yaml "
+        "--dashboard-host=127.0.0.1"
+    ] * 2
+    # (Ray's wrapper exports RAY_HEAD_IP as a JSON string, quotes included.)
+    assert any(c.startswith("ray start --address=") and "10.0.0.5" in c and ":6379" in c for c in calls)
+    assert f"python -m pip install -e {tmp_path}/home/da2s-nas ray[default]==2.60.0 boto3>=1.4.8" in calls
+    assert any(c.startswith("nvidia-smi") for c in calls)  # the workers check their GPU
+    home = tmp_path / "home"
+    bashrc = (home / ".bashrc").read_text()
+    assert "source ~/venv/bin/activate" in bashrc and "NAS_DATA_ROOT=$HOME/data" in bashrc
+    assert "MLFLOW_TRACKING_URI=http://10.0.0.4:5000" in bashrc
+    assert any(c.startswith(f"mlflow server --backend-store-uri sqlite:///{home}/mlflow/mlflow.db") for c in calls)
+
+
+def test_the_shell_check_catches_a_self_killing_command(tmp_path):
+    """The command this config once had: its pattern is in its own shell's command line."""
+    report, _ = run_launcher_commands(tmp_path, [["start", ['pkill -f "mlflow server" || true']]])
+    assert report["start"][0]["rc"] == 143  # killed by its own SIGTERM

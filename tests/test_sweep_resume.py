@@ -1,6 +1,8 @@
-"""A sweep interrupted twice, first with Ctrl-C and then by a SIGKILL of its driver, and finished
-with --resume each time: every trial ends exactly once (no finished trial repeated, no duplicate
-trial run, no run left RUNNING), and Optuna's study and sampler state carry over."""
+"""A sweep interrupted twice, first with SIGTERM (handled as Ctrl-C) and then by a SIGKILL of its
+driver, and finished with --resume each time: every trial ends exactly once (no finished trial
+repeated, no duplicate trial run, no run left RUNNING), and Optuna's study and sampler state carry
+over. All of it beside a stale Ray address file (a cluster stopped uncleanly): without --address
+the driver starts its own Ray each time."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,12 +59,18 @@ def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(sweep))
     db = tmp_path / "runs" / "mlflow.db"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Ray's temp folder names a cluster that is gone.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths live under it
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
     command = [sys.executable, str(ROOT / "sweeps" / "run.py"), str(path), "-q"]
 
-    # 1. Ctrl-C once a trial has finished: the driver ends the runs it started and says how to resume.
+    # 1. SIGTERM (a scheduler's stop) once a trial has finished: like Ctrl-C, the driver saves the
+    # sweep's state, ends the runs it started and says how to resume.
     driver = run_until(command, db, 1, env, tmp_path)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(signal.SIGTERM)
     output, _ = driver.communicate(timeout=180)
     assert driver.returncode == 130, output
     assert "--resume" in output

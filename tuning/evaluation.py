@@ -18,6 +18,7 @@ from nas.evaluate import EvalConfig, run_evaluation
 from nas.genotype import Genotype
 from nas.search import EpochEvent
 
+from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import SweepConfig
 from .tracking import PENDING_FILE, TrackedRun, params_of
 
@@ -56,13 +57,21 @@ def select_trials(sweep: SweepConfig, trials: list) -> list:
     return done[: stage.top] if stage.top else done
 
 
-def evaluate_one(job: EvaluationJob, tracking_uri: str, experiment_id: str, sweep_name: str) -> EvaluationSummary:
+def evaluate_one(
+    job: EvaluationJob, tracking_uri: str, experiment_id: str, sweep_name: str, gpus: float = 0.0
+) -> EvaluationSummary:
     """Runs inside a Ray task: one evaluation, logged to its MLflow run."""
     import json
 
     config = EvalConfig.resolve(job.dataset, job.settings)
+    try:
+        claim_accelerators(gpus, config.device)  # before anything initialises CUDA
+    except AcceleratorError as err:
+        return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FAILED", {}, f"AcceleratorError: {err}")
     run = TrackedRun(tracking_uri, experiment_id, job.trial_run_id, "eval_id", job.eval_id)
-    params = params_of(config.to_dict(), {"trial_id": job.trial_id})
+    params = params_of(
+        config.to_dict(), {"trial_id": job.trial_id, **effective_precision(config.device, config.runtime)}
+    )
     run.open(
         f"eval-{job.dataset}-{job.trial_id}",
         params,
@@ -122,10 +131,14 @@ def run_evaluation_stage(
     task = ray.remote(num_cpus=stage.resources.cpu, num_gpus=stage.resources.gpu, max_retries=sweep.max_failures)(
         evaluate_one
     )
-    pending = {task.remote(job, tracking_uri, experiment_id, sweep.name): job for job in jobs}
+    gpus = stage.resources.gpu
+    pending = {task.remote(job, tracking_uri, experiment_id, sweep.name, gpus): job for job in jobs}
     summaries = []
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=60)
+        if not ready:
+            log.info("evaluation stage: %d evaluations running or waiting for a node", len(pending))
+            continue
         job = pending.pop(ready[0])
         try:
             summary = ray.get(ready[0])

@@ -28,6 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 from nas.config import ConfigError
 from nas.data import load_cifar10, resolve_root
 
+from . import preflight
 from .config import SweepConfig
 from .evaluation import run_evaluation_stage
 from .space import SpaceSampler, make_sampler
@@ -244,20 +245,29 @@ def _init_ray(address: str | None) -> None:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if ray.is_initialized():
         return
+    # Workers import this project from where the driver found it, installed or not (on a cluster
+    # every node has the checkout at the same path).
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": path}}
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        resolved = preflight.resolve_address(address)
+        preflight.check_reachable(address, resolved)
+        ray.init(address=resolved, log_to_driver=True, runtime_env=runtime_env)
     else:
-        # A private single-node instance on loopback, without the dashboard. Workers import this
-        # project from where the driver found it, installed or not.
+        # A new private single-node instance on loopback, without the dashboard: "local", never a
+        # cluster recorded in Ray's temp folder (which may be gone, and would then stall ray.init).
         _keep_ray_on_loopback()
-        root = str(Path(__file__).resolve().parents[1])
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(
+            address="local",
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
-            runtime_env={"env_vars": {"PYTHONPATH": path}},
+            runtime_env=runtime_env,
         )
+    if sigterm is _sigterm_as_sigint:
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with an exit
 
 
 def _keep_ray_on_loopback() -> None:
@@ -281,19 +291,10 @@ def _journal_path(sweep: SweepConfig, base: Path, experiment_dir: Path) -> Path:
     return directory / OPTUNA_JOURNAL
 
 
-def _check_resources(sweep: SweepConfig) -> None:
-    import ray
-
-    available = ray.cluster_resources()
-    gpus, cpus = available.get("GPU", 0.0), available.get("CPU", 0.0)
-    if sweep.resources.gpu > 0 and gpus < sweep.resources.gpu:
-        raise ConfigError(
-            "resources.gpu",
-            sweep.resources.gpu,
-            f"the Ray cluster has {gpus:g} GPUs; use gpu: 0 here or run on a GPU cluster",
-        )
-    if sweep.resources.cpu > cpus:
-        raise ConfigError("resources.cpu", sweep.resources.cpu, f"the Ray cluster has {cpus:g} CPUs")
+def _check_resources(sweep: SweepConfig, cluster_config: str | None, local: bool) -> None:
+    """Resources that no node, present or addable by the autoscaler, offers stop the sweep here."""
+    for line in preflight.check_cluster_resources(sweep, cluster_config, local=local):
+        log.info("%s", line)
 
 
 def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: Path, resume: bool) -> str:
@@ -386,6 +387,7 @@ def run_sweep(
     resume: bool = False,
     address: str | None = None,
     base_dir: str | os.PathLike | None = None,
+    cluster_config: str | None = None,
 ) -> SweepOutcome:
     base = Path(base_dir or os.getcwd()).resolve()
     # MLflow's HTTP client retries a failing call for minutes by default, which would stall Tune's
@@ -399,6 +401,7 @@ def run_sweep(
     if "://" not in storage:
         _check_output(experiment_dir, resume)
         _check_writable(Path(storage), "storage")
+    preflight.check_devices(sweep)
     if address is None:
         _check_gpus_here(sweep)
     _check_data(search)
@@ -408,7 +411,7 @@ def run_sweep(
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, base)
 
     _init_ray(address)
-    _check_resources(sweep)
+    _check_resources(sweep, cluster_config, local=address is None)
 
     client = client_for(tracking_uri)
     experiment_id = ensure_experiment(client, sweep.mlflow.experiment or sweep.name, local_artifact_root(tracking_uri))
@@ -423,6 +426,7 @@ def run_sweep(
         objectives=tuple(o.metric for o in objectives),
         cpus=sweep.resources.cpu,
         method_label=sweep.method_label,
+        gpus=sweep.resources.gpu,
     )
     trainable = tune.with_resources(
         tune.with_parameters(search_trial, settings=settings),
@@ -481,6 +485,7 @@ def run_sweep(
                     callbacks=[
                         RunFinalizer(tracking_uri, experiment_id),
                         ProgressPrinter(sweep.resolve_trial({}).epochs),
+                        preflight.WaitingTrials({"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}),
                     ],
                     # Ray's own status table stays off: ProgressPrinter reports what matters here.
                     verbose=0,
@@ -540,6 +545,13 @@ def _summarise(client, parent_run_id: str, sweep: SweepConfig, outcome: SweepOut
     log_metrics(client, parent_run_id, best, 0)
 
 
+def _sigterm_as_sigint(signum, frame) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def install_sigterm_as_interrupt() -> None:
-    """Treat SIGTERM like Ctrl-C, so that a stopped driver saves the sweep's state the same way."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """Treat SIGTERM like Ctrl-C (a scheduler's stop, `kill`), so that a stopped driver saves the
+    sweep's state the same way and `--resume` finishes it: SIGTERM is passed on as SIGINT, to
+    whichever handler has it at the time (Tune's, which stops the trials and saves the state, or
+    Python's KeyboardInterrupt). Kept across ray.init, which would otherwise exit on SIGTERM."""
+    signal.signal(signal.SIGTERM, _sigterm_as_sigint)

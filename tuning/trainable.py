@@ -28,6 +28,7 @@ from ray import tune
 from nas.network import EvalNetwork, count_parameters
 from nas.search import CHECKPOINT, EpochEvent, SearchConfig, SearchDiverged, arch_lr_scale, run_search, steps_per_epoch
 
+from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import FINAL_METRICS, method_label, trial_search
 from .tracking import PENDING_FILE, TrackedRun, params_of
 
@@ -44,6 +45,7 @@ class TrialSettings:
     objectives: tuple[str, ...]
     cpus: float = 1.0
     method_label: str | None = None
+    gpus: float = 0.0  # reserved per trial: 0 hides CUDA from the trial
 
 
 def trial_name(method: str, config: SearchConfig, trial_id: str) -> str:
@@ -115,6 +117,11 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     config = SearchConfig.resolve(file=trial_search(settings.search, params))
+    try:
+        claim_accelerators(settings.gpus, config.device)  # before anything initialises CUDA
+        problem = None
+    except AcceleratorError as err:
+        problem = err  # raised once the trial's MLflow run holds it
     torch.set_num_threads(max(1, int(settings.cpus)))
     out_dir = Path(context.get_trial_dir()) / "search"
     _restore_checkpoint(out_dir)
@@ -126,12 +133,17 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         "target": config.resolved_target().describe(),
         "trial_id": trial_id,
         "arch_lr_scale_effective": round(arch_lr_scale(config, steps_per_epoch(config)), 6),
+        **({} if problem else effective_precision(config.device, config.runtime)),
     }
     run.open(
         trial_name(method, config, trial_id),
         params_of(config.to_dict(), extras),
         {"sweep": settings.sweep, "kind": "trial"},
     )
+    if problem is not None:
+        run.set_tags({"failure": f"{type(problem).__name__}: {problem}"})
+        _end_run(run, "FAILED", out_dir)
+        raise problem
     if run.status == "FINISHED":
         # Finished before the driver lost track of it (a driver killed between two snapshots of
         # the sweep's state): report that result instead of searching again.

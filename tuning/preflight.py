@@ -1,0 +1,266 @@
+"""Before the first trial: which Ray to use, and whether the trials' resources can ever be granted.
+
+Ray is chosen as follows. No address: a new private instance on this machine, always (never a
+cluster named in Ray's temp folder, which may be long gone). An address (`auto` on a cluster
+node, or HOST:PORT): it must answer within about a minute, or the sweep stops with an error
+naming `--address`.
+
+Resources are checked per node, as Ray schedules them: a trial's CPUs and GPUs must fit on one
+node. A cluster that scales itself counts with the nodes its autoscaler can add: a request that
+some node type offers is accepted even while the cluster has no such node (the sweep then waits,
+and says so), and only a request that no node, present or possible, can ever grant is refused.
+The node types come from the autoscaler's config: the one Ray's cluster launcher leaves on the
+head (`~/ray_bootstrap_config.yaml`), another file given with `--cluster-config`, or the cluster
+config the autoscaler reported to Ray (KubeRay does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from nas.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+CONNECT_TIMEOUT_S = 20.0  # to reach the address at all; then up to ~40 s for Ray's own handshake
+
+
+# --- which Ray ---------------------------------------------------------------------------------
+
+
+def resolve_address(address: str) -> str:
+    """HOST:PORT of the cluster `address` names, or a ConfigError naming `--address`.
+
+    `auto`: $RAY_ADDRESS, else the cluster the last `ray start --head` on this machine recorded in
+    Ray's temp folder (as on a `ray up` head). Unlike Ray's own `auto`, never just any Ray instance
+    found running on the machine (another user's, say)."""
+    from ray._common.utils import get_ray_address_file
+    from ray._private import services
+
+    named = address
+    if address == "auto":
+        named = os.environ.get("RAY_ADDRESS") or ""
+        recorded = Path(get_ray_address_file(None))
+        if not named and recorded.is_file():
+            named = recorded.read_text().strip()
+        if not named:
+            raise ConfigError(
+                "--address", address, f"no Ray cluster is recorded on this machine ({recorded}); give HOST:PORT"
+            )
+    try:
+        resolved = services.canonicalize_bootstrap_address(named)
+    except (ConnectionError, ValueError) as err:
+        raise ConfigError("--address", address, f"names no Ray cluster ({err})") from None
+    if not resolved:
+        raise ConfigError("--address", address, "names no Ray cluster; leave --address out for a local Ray instance")
+    return resolved
+
+
+def check_reachable(address: str, resolved: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raises a ConfigError unless a Ray cluster answers at `resolved` (HOST:PORT) in time.
+
+    A TCP connection first (a dead address, e.g. the leftover of a stopped cluster, fails after
+    `timeout_s`), then one call to the cluster's GCS, which Ray gives up on after ~40 s."""
+    host, _, port = resolved.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(3.0, timeout_s)):
+                break
+        except OSError as err:
+            last = err
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                "--address",
+                address,
+                f"no Ray cluster answers at {resolved} ({last}; tried for {timeout_s:.0f}s). Is the cluster up "
+                "(`ray status`)? Leave --address out to run on a new local Ray instance",
+            )
+        time.sleep(1.0)
+    try:
+        from ray._raylet import GcsClient
+
+        GcsClient(address=resolved).internal_kv_get(b"__da2s_probe", None, timeout=10)
+    except Exception as err:
+        raise ConfigError(
+            "--address", address, f"{resolved} accepts connections but no Ray cluster answers there ({err})"
+        ) from None
+
+
+# --- whether the resources exist ---------------------------------------------------------------
+
+
+@dataclass
+class NodeType:
+    name: str
+    resources: dict[str, float]
+    max_workers: int | None = None  # None: present now (a live node), not a type to scale
+
+
+def autoscaler_node_types(cluster_config: str | os.PathLike | None = None) -> list[NodeType] | None:
+    """The node types the cluster's autoscaler can add, or None where no autoscaler config is found.
+
+    `cluster_config`: a Ray cluster-launcher YAML (as `ray up` takes it, or the head's
+    ~/ray_bootstrap_config.yaml); by default the head's file where this runs on a head."""
+    path = Path(cluster_config).expanduser() if cluster_config else Path(BOOTSTRAP_CONFIG).expanduser()
+    if cluster_config and not path.is_file():
+        raise ConfigError("--cluster-config", str(cluster_config), "file not found")
+    if path.is_file():
+        return node_types_from_yaml(yaml.safe_load(path.read_text()), str(path))
+    return _reported_node_types()
+
+
+def node_types_from_yaml(config: dict[str, Any], where: str = "cluster config") -> list[NodeType]:
+    """The worker node types of a cluster-launcher config (the head is a live node already)."""
+    types = (config or {}).get("available_node_types") or {}
+    if not isinstance(types, dict) or not types:
+        raise ConfigError("--cluster-config", where, "has no available_node_types")
+    return [
+        NodeType(name, {k: float(v) for k, v in ((spec or {}).get("resources") or {}).items()},
+                 int((spec or {}).get("max_workers", config.get("max_workers", 0)) or 0))
+        for name, spec in types.items()
+        if name != config.get("head_node_type")
+    ]  # fmt: skip
+
+
+def _reported_node_types() -> list[NodeType] | None:
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [
+        NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, None if g.max_count < 0 else g.max_count)
+        for g in config.node_group_configs
+    ]
+
+
+def live_nodes() -> list[NodeType]:
+    import ray
+
+    return [
+        NodeType(n.get("NodeManagerAddress", "node"), {k: float(v) for k, v in n["Resources"].items()})
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def _fits(request: dict[str, float], offer: dict[str, float]) -> bool:
+    return all(offer.get(key, 0.0) >= amount - 1e-9 for key, amount in request.items() if amount > 0)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or k.startswith("accelerator_type")}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
+
+@dataclass
+class Verdict:
+    """Where a request fits: now (`live`), or once the autoscaler adds one of `node_types`."""
+
+    live: bool
+    node_types: list[str]
+
+
+def check_request(
+    prefix: str, cpu: float, gpu: float, nodes: list[NodeType], scalable: list[NodeType] | None
+) -> Verdict:
+    """Where `cpu` CPUs and `gpu` GPUs fit together on one node: on a live one, or on one of the node
+    types the autoscaler can add. Otherwise a ConfigError naming `PREFIX.gpu` (no node offers that
+    many GPUs at all) or `PREFIX.cpu`."""
+    request = {"CPU": cpu, "GPU": gpu}
+    if any(_fits(request, n.resources) for n in nodes):
+        return Verdict(True, [])
+    possible = [t for t in scalable or [] if t.max_workers is None or t.max_workers > 0]
+    fitting = [t.name for t in possible if _fits(request, t.resources)]
+    if fitting:
+        return Verdict(False, fitting)
+    offers = [n.resources for n in nodes] + [t.resources for t in possible]
+    field, value = (f"{prefix}.gpu", gpu) if not any(_fits({"GPU": gpu}, o) for o in offers) else (f"{prefix}.cpu", cpu)
+    asked = f"cpu: {cpu:g} with gpu: {gpu:g} on one node"
+    present = ", ".join(_describe(n.resources) for n in nodes) or "none"
+    if scalable is None:
+        reason = (
+            f"no node of the Ray cluster offers {asked} (its nodes: {present}), and no autoscaler config was "
+            f"found ({BOOTSTRAP_CONFIG}, or give --cluster-config) that could add one; "
+            "use gpu: 0 for a machine without GPUs"
+        )
+    else:
+        types = ", ".join(f"{t.name} {_describe(t.resources)}" for t in possible) or "none"
+        reason = (
+            f"no node of the Ray cluster offers {asked} (its nodes: {present}), and no node type its "
+            f"autoscaler can add does (types: {types})"
+        )
+    raise ConfigError(field, value, reason)
+
+
+def check_cluster_resources(sweep, cluster_config: str | os.PathLike | None = None, local: bool = False) -> list[str]:
+    """Pre-flight for a sweep on the Ray it is connected to; returns lines for the progress log."""
+    nodes = live_nodes()
+    scalable = None if local else autoscaler_node_types(cluster_config)
+    requests = [("resources", sweep.resources.cpu, sweep.resources.gpu)]
+    if sweep.evaluate is not None:
+        requests.append(("evaluate.resources", sweep.evaluate.resources.cpu, sweep.evaluate.resources.gpu))
+    lines = []
+    for prefix, cpu, gpu in requests:
+        verdict = check_request(prefix, cpu, gpu, nodes, scalable)
+        if not verdict.live:
+            lines.append(
+                f"{prefix} (cpu: {cpu:g}, gpu: {gpu:g}): no node offers them yet; the trials wait for the "
+                f"autoscaler to add a node of type {' or '.join(verdict.node_types)}"
+            )
+    return lines
+
+
+def check_devices(sweep) -> None:
+    """A device that contradicts the GPUs reserved for it: `cuda` with none reserved is refused."""
+    stages = [("search.device", sweep.search.get("device", "auto"), "resources.gpu", sweep.resources.gpu)]
+    if sweep.evaluate is not None:
+        device = (sweep.evaluate.settings or {}).get("device", "auto")
+        stages.append(("evaluate.settings.device", device, "evaluate.resources.gpu", sweep.evaluate.resources.gpu))
+    for field, device, gpu_field, gpu in stages:
+        if device == "cuda" and gpu <= 0:
+            raise ConfigError(
+                field,
+                device,
+                f"needs a GPU, and {gpu_field} is 0 (such trials see no GPU); set {gpu_field} > 0 or use auto",
+            )
+        if device == "cpu" and gpu > 0:
+            log.warning("%s is cpu while %s is %g: these trials hold GPUs they do not use", field, gpu_field, gpu)
+
+
+class WaitingTrials(tune.Callback):
+    """A progress line now and then while trials wait for a node that can take them (one the
+    autoscaler is adding); not while they merely wait for a busy node to free up."""
+
+    def __init__(self, request: dict[str, float], every_s: float = 15.0):
+        self.request = {k: v for k, v in request.items() if v > 0}
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        waiting = sum(t.status == "PENDING" for t in trials)
+        if not waiting or any(_fits(self.request, n.resources) for n in live_nodes()):
+            return
+        log.info(
+            "waiting   %d trial(s) for a node with %s: none in the cluster yet, the autoscaler adds them",
+            waiting, _describe(self.request),
+        )  # fmt: skip
