@@ -3,21 +3,23 @@
     python bench/gpu_check.py --out OUT_DIR [--budget 540] [--data-root SMALL_CIFAR]
 
 Stages, most important first; each runs in its own process with a time limit taken from what is
-left of `--budget`, and writes its figures under OUT_DIR as it finishes (a stage that fails or runs
-out of time leaves the others' results intact):
+left of `--budget`. Every figure goes to OUT_DIR/gpu_check.json, rewritten after each stage (a
+stage that fails or runs out of time leaves the others' results intact), and what the stages
+printed to OUT_DIR/gpu_check.log:
 
-1. `env.json`: PyTorch, CUDA, the GPU and its compute capability.
-2. `cuda_tests.json` + `cuda_tests.log`: `pytest -m cuda` (tests/test_cuda.py) with the figures
-   the tests measured; `--data-root` points them at a small CIFAR-10 copy (else generated images).
-3. `search_step.json`: bench/search_step.py on the standard config (C=16, 8 cells, batch 64):
-   naive (reference-style) vs the fast path and its ablations, with the GPU's busy share.
-4. `search_cost.json`: a paper-scale DA2S search (`python -m nas search --preset da2s`, the default
+1. `env`: PyTorch, CUDA, the GPU and its compute capability.
+2. `cuda_tests`: `pytest -m cuda` (tests/test_cuda.py) and the figures the tests measured;
+   `--data-root` points them at a small CIFAR-10 copy (else generated images).
+3. `search_step`: bench/search_step.py on the standard config (C=16, 8 cells, batch 64): naive
+   (reference-style) vs the fast path and its ablations, with the GPU's busy share.
+4. `search_cost`: a paper-scale DA2S search (`python -m nas search --preset da2s`, the default
    model and the 25k/25k split, generated images of CIFAR-10's shape) for two epochs, with each
    epoch's wall time split into phases and the 50-epoch wall time extrapolated.
-5. `packing.json`: 1, 2 and 4 searches sharing the GPU as separate processes (as Ray's fractional
-   `gpu: 0.5` / `0.25` trials would run them), each a short standard DA2S search: steady-state
-   step time, searches per hour at paper scale, and GPU memory per search.
-6. `search_step_compile.json`: the fast path with torch.compile, if time is left.
+5. `packing`: 1, 2 and 4 searches sharing the GPU as separate processes (as Ray's fractional
+   `gpu: 0.5` / `0.25` trials would run them; plain `python -m nas search` processes stand in for
+   trials), each a short standard DA2S search: steady-state step time, searches per hour at paper
+   scale, and GPU memory per search.
+6. `search_step_compile`: the fast path with torch.compile, if time is left.
 
 `--dry-run` runs every stage at toy sizes on the CPU, to check the script itself.
 """
@@ -50,7 +52,7 @@ class Budget:
         return max(0.0, min(wanted, self.left() - reserve))
 
 
-def run(command: list[str], timeout: float, log: Path | None = None, env: dict | None = None) -> dict:
+def run(command: list[str], timeout: float, log: tuple[Path, str] | None = None, env: dict | None = None) -> dict:
     """Runs `command` in the checkout; returns its exit code, seconds and output tail."""
     started = time.monotonic()
     if timeout < 5:
@@ -64,12 +66,22 @@ def run(command: list[str], timeout: float, log: Path | None = None, env: dict |
         code = "timeout"
         out = (err.stdout or b"").decode(errors="replace") + (err.stderr or b"").decode(errors="replace")
     if log is not None:
-        log.write_text(out)
+        append_log(*log, out)
     return {"command": command, "returncode": code, "seconds": time.monotonic() - started, "tail": out[-3000:]}
 
 
+RESULTS: dict = {}
+
+
 def write(out: Path, name: str, data) -> None:
-    (out / name).write_text(json.dumps(data, indent=2) + "\n")
+    """Adds one stage's figures to OUT/gpu_check.json (rewritten after every stage)."""
+    RESULTS[name.removesuffix(".json")] = data
+    (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2) + "\n")
+
+
+def append_log(out: Path, title: str, text: str) -> None:
+    with open(out / "gpu_check.log", "a") as log:
+        log.write(f"\n===== {title}\n{text}\n")
 
 
 def stage_env(out: Path, device: str) -> dict:
@@ -88,7 +100,7 @@ def stage_env(out: Path, device: str) -> dict:
         smi = shutil.which("nvidia-smi")
         if smi:
             info["nvidia_smi"] = subprocess.run([smi], capture_output=True, text=True).stdout
-    write(out, "env.json", info)
+    write(out, "env", info)
     return info
 
 
@@ -132,7 +144,7 @@ def epoch_summary(result: dict) -> dict:
 
 def stage_cost(out: Path, budget: Budget, device: str, data_root: Path, sets: list[str], work: Path) -> dict:
     run_dir = work / "cost"
-    record = run(search_command(run_dir, data_root, device, sets), budget.limit(200, 120), out / "search_cost.log")
+    record = run(search_command(run_dir, data_root, device, sets), budget.limit(200, 120), (out, "search cost"))
     if (run_dir / "result.json").exists():
         result = json.loads((run_dir / "result.json").read_text())
         summary = epoch_summary(result)
@@ -143,7 +155,7 @@ def stage_cost(out: Path, budget: Budget, device: str, data_root: Path, sets: li
         record["extrapolated_50_epochs_hours"] = (
             REFERENCE_EPOCHS * epoch_seconds + (summary["final_metrics_seconds"] or 0)
         ) / 3600
-    write(out, "search_cost.json", record)
+    write(out, "search_cost", record)
     return record
 
 
@@ -205,7 +217,7 @@ def stage_packing(
                 peak_gpu_memory_gib_per_search=max(r["peak_gpu_memory_gib"] or 0 for r in done),
             )
         results[str(n)] = entry
-        write(out, "packing.json", results)
+        write(out, "packing", results)
     return results
 
 
@@ -228,13 +240,15 @@ def main() -> int:
 
     summary = {}
     if "tests" not in args.skip:
-        test_env = {"NAS_CUDA_REPORT": str(out / "cuda_tests.json")}
+        test_env = {"NAS_CUDA_REPORT": str(work / "cuda_tests.json")}
         if args.data_root:
             test_env["NAS_DATA_ROOT"] = str(Path(args.data_root).resolve())
         command = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"]
         command += ["--durations=0"]
-        record = run(command, budget.limit(150, 330), out / "cuda_tests.log", test_env)
+        record = run(command, budget.limit(150, 330), (out, "cuda tests"), test_env)
         summary["tests"] = {k: record.get(k) for k in ("returncode", "seconds")} | {"tail": record["tail"][-600:]}
+        if (work / "cuda_tests.json").exists():
+            write(out, "cuda_tests", json.loads((work / "cuda_tests.json").read_text()))
         print(f"cuda tests: exit {record.get('returncode')} in {record.get('seconds', 0):.0f}s", flush=True)
 
     step_base = [sys.executable, "bench/search_step.py", "--device", device, "--json"]
@@ -244,8 +258,10 @@ def main() -> int:
         step_base += ["--configs", "standard", "--steps", "10", "--warmup", "3", "--profile"]
     if "step" not in args.skip:
         modes = ["naive", "fast"] if args.dry_run else ["naive", "fused", "fused_bf16", "fast"]
-        command = [*step_base, "--modes", *modes, "--out", str(out / "search_step.json"), "--timeout", "100"]
-        record = run(command, budget.limit(180, 250), out / "search_step.log")
+        command = [*step_base, "--modes", *modes, "--out", str(work / "search_step.json"), "--timeout", "100"]
+        record = run(command, budget.limit(180, 250), (out, "search step"))
+        if (work / "search_step.json").exists():
+            write(out, "search_step", json.loads((work / "search_step.json").read_text()))
         summary["step"] = {k: record.get(k) for k in ("returncode", "seconds")}
         print(f"search step: exit {record.get('returncode')} in {record.get('seconds', 0):.0f}s", flush=True)
 
@@ -273,24 +289,29 @@ def main() -> int:
         print(f"packing: {summary['packing']}", flush=True)
 
     if "compile" not in args.skip and not args.dry_run:
-        command = [*step_base, "--modes", "fast_compile", "--out", str(out / "search_step_compile.json")]
-        record = run([*command, "--timeout", str(max(10, budget.left() - 15))], budget.limit(600, 10))
+        command = [*step_base, "--modes", "fast_compile", "--out", str(work / "search_step_compile.json")]
+        record = run([*command, "--timeout", str(max(10, budget.left() - 15))], budget.limit(600, 10), (out, "compile"))
+        if (work / "search_step_compile.json").exists():
+            write(out, "search_step_compile", json.loads((work / "search_step_compile.json").read_text()))
         summary["compile"] = {k: record.get(k) for k in ("returncode", "seconds")} | {"tail": record["tail"][-400:]}
         print(f"compile: exit {record.get('returncode')}", flush=True)
 
-    write(out, "summary.json", summary)
+    for n in ("1", "2", "4"):
+        for i in range(int(n)):
+            log = work / f"pack{n}_{i}.log"
+            if log.exists():
+                append_log(out, f"packing {n} run {i}", log.read_text()[-4000:])
+    write(out, "summary", summary)
     shutil.rmtree(work, ignore_errors=True)
-    step_file = out / "search_step.json"
-    if step_file.exists():
-        for row in json.loads(step_file.read_text()):
-            if "error" in row:
-                print(f"{row['mode']:12s} failed: {row['error']}")
-            else:
-                print(
-                    f"{row['mode']:12s} {row['search_images_per_s']:8.1f} img/s  {row['peak_memory_gib']:6.2f} GiB  "
-                    f"busy {100 * row.get('gpu_busy_share', float('nan')):5.1f}%  "
-                    f"kernels/step {row.get('kernels_per_step', float('nan')):7.0f}"
-                )
+    for row in RESULTS.get("search_step", []) + RESULTS.get("search_step_compile", []):
+        if "error" in row:
+            print(f"{row['mode']:12s} failed: {row['error']}")
+            continue
+        print(
+            f"{row['mode']:12s} {row['search_images_per_s']:8.1f} img/s  {row['peak_memory_gib']:6.2f} GiB  "
+            f"busy {100 * row.get('gpu_busy_share', float('nan')):5.1f}%  "
+            f"kernels/step {row.get('kernels_per_step', float('nan')):7.0f}"
+        )
     return 0
 
 

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 CONFIGS = {
     "standard": {"model.channels": 16, "model.cells": 8, "batch_size": 64},
     "small": {"model.channels": 8, "model.cells": 5, "batch_size": 32},
