@@ -12,13 +12,16 @@ printed to OUT_DIR/gpu_check.log:
    `--data-root` points them at a small CIFAR-10 copy (else generated images).
 3. `search_step`: bench/search_step.py on the standard config (C=16, 8 cells, batch 64): naive
    (reference-style) vs the fast path and its ablations, with the GPU's busy share.
-4. `search_cost`: a paper-scale DA2S search (`python -m nas search --preset da2s`, the default
-   model and the 25k/25k split, generated images of CIFAR-10's shape) for two epochs, with each
-   epoch's wall time split into phases and the 50-epoch wall time extrapolated.
+4. `search_cost` (off by default: on an H200 it alone needs about 8 minutes; run it on its own
+   with `--skip tests step packing compile`): a paper-scale DA2S search (`python -m nas search
+   --preset da2s`, the default model and the 25k/25k split, generated images of CIFAR-10's shape)
+   for two epochs, with each epoch's wall time split into phases and the 50-epoch wall time
+   extrapolated.
 5. `packing`: 1, 2 and 4 searches sharing the GPU as separate processes (as Ray's fractional
    `gpu: 0.5` / `0.25` trials would run them; plain `python -m nas search` processes stand in for
-   trials), each a short standard DA2S search: steady-state step time, searches per hour at paper
-   scale, and GPU memory per search.
+   trials), each a standard DA2S search of one 60-step epoch: step time, searches per hour at paper
+   scale (training steps and evaluation scaled to 391 steps and 25k images an epoch), and GPU
+   memory per search.
 6. `search_step_compile`: the fast path with torch.compile, if time is left.
 
 `--dry-run` runs every stage at toy sizes on the CPU, to check the script itself.
@@ -162,7 +165,7 @@ def stage_cost(out: Path, budget: Budget, device: str, data_root: Path, sets: li
 def stage_packing(
     out: Path, budget: Budget, device: str, data_root: Path, sets: list[str], work: Path, eval_images: int
 ) -> dict:
-    """n searches at once, as separate processes; figures from their second (steady-state) epoch."""
+    """n searches at once, as separate processes; figures from their last epoch."""
     results = {}
     smi = shutil.which("nvidia-smi")
     for n in (1, 2, 4):
@@ -227,7 +230,11 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=540, help="seconds for everything")
     parser.add_argument("--data-root", help="a small CIFAR-10 copy (train.npz/test.npz) for the CUDA tests")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU, to check this script")
-    parser.add_argument("--skip", nargs="*", default=[], help="stages to leave out: tests step cost packing compile")
+    parser.add_argument(
+        "--skip", nargs="*", default=["cost"],
+        help="stages to leave out: tests step cost packing compile (default: cost, which alone needs ~8 minutes "
+        "on an H200; run it with --skip tests step packing compile)",
+    )  # fmt: skip
     args = parser.parse_args()
     budget = Budget(args.budget)
     out = Path(args.out)
@@ -255,9 +262,9 @@ def main() -> int:
     if args.dry_run:
         step_base += ["--configs", "small", "--steps", "1", "--warmup", "1"]
     else:
-        step_base += ["--configs", "standard", "--steps", "10", "--warmup", "3", "--profile"]
+        step_base += ["--configs", "standard", "--steps", "5", "--warmup", "2", "--profile"]
     if "step" not in args.skip:
-        modes = ["naive", "fast"] if args.dry_run else ["naive", "fused", "fused_bf16", "fast"]
+        modes = ["naive", "fast"] if args.dry_run else ["naive", "fast", "fast_bf16"]
         command = [*step_base, "--modes", *modes, "--out", str(work / "search_step.json"), "--timeout", "100"]
         record = run(command, budget.limit(180, 250), (out, "search step"))
         if (work / "search_step.json").exists():
@@ -277,7 +284,7 @@ def main() -> int:
         print(f"search cost: {summary['cost']}", flush=True)
 
     if "packing" not in args.skip:
-        sets = ["epochs=2", "data.subset=12800", "data.eval_subset=2000"]
+        sets = ["epochs=1", "data.subset=7680", "data.eval_subset=2000"]  # 60 steps of batch 64
         if args.dry_run:
             sets = ["epochs=2", "data.subset=256", "data.eval_subset=64", "model.channels=4", "model.cells=3"]
             sets += ["batch_size=32", "data.resolution=8"]

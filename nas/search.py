@@ -113,25 +113,48 @@ class WeightOptimConfig:
 @dataclass
 class RuntimeConfig:
     """How a search computes, not what: every setting gives the same result up to floating-point
-    round-off (tests/test_fused.py), so a search may resume under other ones."""
+    round-off (tests/test_fused.py), so a search may resume under other ones. The defaults are the
+    fastest measured on each device (docs/gpu.md)."""
 
     # The fused forward (nas/fused.py) instead of the DARTS-style loop over every op of every edge.
     fused: bool = True
-    channels_last: bool = True
-    # bf16 autocast for the forward. `auto`: on GPUs that compute bf16 natively (compute capability
-    # >= 8.0: A100, A10G, L4, H100, ...); float32 elsewhere: on the CPU and on older GPUs (T4, V100),
-    # where bf16 is emulated and slow and fp16 would need loss scaling. `bf16` forces it anywhere.
+    # channels-last tensors. Unset: on the CPU (oneDNN runs the grouped convolutions faster), not on
+    # CUDA, where cuDNN's weight gradients of the fused search's grouped 1x1 convolutions came out
+    # wrong in channels-last (docs/gpu.md); a search on CUDA refuses it.
+    channels_last: bool | None = None
+    # bf16 autocast for the forward. `auto`: float32 for the search everywhere (on an H200 its step
+    # is bound by kernel launches, and bf16's casts made it no faster); for the evaluation networks,
+    # bf16 on GPUs that compute it natively (compute capability >= 8.0: A100, A10G, L4, H100, ...)
+    # and float32 on the CPU and older GPUs (T4, V100), where bf16 is emulated and fp16 would need
+    # loss scaling. `bf16` forces it anywhere; `off` never.
     amp: Literal["auto", "off", "bf16"] = "auto"
     # torch.compile the supernet (in place; CUDA mainly: on CPU it needs a C++ compiler and minutes).
     compile: bool = False
 
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+    def autocast_dtype(self, device: torch.device, workload: Literal["search", "evaluate"] = "search"):
         """The autocast dtype on `device`; None: float32, no autocast."""
         if self.amp == "bf16":
             return torch.bfloat16
-        if self.amp == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        if (
+            self.amp == "auto"
+            and workload == "evaluate"
+            and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (8, 0)
+        ):
             return torch.bfloat16
         return None
+
+    def memory_format(self, device: torch.device, path: str = "runtime.channels_last") -> torch.memory_format:
+        if self.channels_last is None:
+            return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        if self.channels_last and device.type == "cuda" and self.fused:
+            raise ConfigError(
+                path,
+                True,
+                "gives wrong convolution gradients in the fused search on CUDA (cuDNN, grouped 1x1 "
+                "convolutions in channels-last); leave it unset (contiguous on CUDA) or set false",
+            )
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
 @dataclass
@@ -324,7 +347,7 @@ class Search:
         supernet = Supernet(space, config.model.channels, num_classes, config.model.stem_multiplier).to(device)
         runtime = config.runtime
         supernet.set_fused(runtime.fused)
-        supernet.set_memory_format(torch.channels_last if runtime.channels_last else torch.contiguous_format)
+        supernet.set_memory_format(runtime.memory_format(device))
         supernet.set_autocast(runtime.autocast_dtype(device))
         if runtime.compile:
             supernet.compile()

@@ -120,3 +120,22 @@ def test_bad_config_names_the_field_and_what_is_allowed(kwargs, field, fragment)
 def test_missing_config_file_is_a_config_error(tmp_path):
     err = error_of(file=str(tmp_path / "nope.yaml"))
     assert err.field == "config" and "file not found" in str(err)
+
+
+def test_runtime_defaults_follow_the_device():
+    """channels-last on the CPU only; float32 searches; a fused CUDA search refuses channels-last."""
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device objects only: no GPU needed
+    runtime = SearchConfig.from_dict({}).runtime
+    assert runtime.memory_format(cpu) == torch.channels_last
+    assert runtime.memory_format(cuda) == torch.contiguous_format
+    assert runtime.autocast_dtype(cpu) is None and runtime.autocast_dtype(cuda, "search") is None
+    asked = SearchConfig.resolve(overrides=["runtime.channels_last=true"]).runtime
+    assert asked.memory_format(cpu) == torch.channels_last
+    with pytest.raises(ConfigError) as info:
+        asked.memory_format(cuda)
+    assert info.value.field == "runtime.channels_last" and "cuDNN" in str(info.value)
+    plain = SearchConfig.resolve(overrides=["runtime.channels_last=true", "runtime.fused=false"]).runtime
+    assert plain.memory_format(cuda) == torch.channels_last
+    assert SearchConfig.resolve(overrides=["runtime.amp=bf16"]).runtime.autocast_dtype(cpu) == torch.bfloat16

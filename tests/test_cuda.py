@@ -22,7 +22,7 @@ from conftest import tiny_search_config
 from nas.architect import Architect
 from nas.data import DataConfig, batches, make_search_data, stream_generator
 from nas.ops import DA2S_OPS, DARTS_OPS
-from nas.search import CHECKPOINT, Search, SearchConfig, load_checkpoint, run_search
+from nas.search import CHECKPOINT, RuntimeConfig, Search, SearchConfig, load_checkpoint, run_search
 from nas.space import SearchSpace, Target
 from nas.supernet import Architecture, Supernet, ieee_float32
 
@@ -61,13 +61,12 @@ def cuda_data(**extra) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("ops", "target", "edge_params", "memory_format"),
-    [
-        (DARTS_OPS, [2, 2, 2, 2], False, torch.contiguous_format),
-        (DA2S_OPS, "3 of 14", True, torch.channels_last),
-    ],
+    ("ops", "target", "edge_params"), [(DARTS_OPS, [2, 2, 2, 2], False), (DA2S_OPS, "3 of 14", True)]
 )
-def test_fused_equals_plain_on_cuda_in_float32(ops, target, edge_params, memory_format):
+def test_fused_equals_plain_on_cuda_in_float32(ops, target, edge_params):
+    """In the layout searches use on CUDA (contiguous: in channels-last, cuDNN's weight gradients of
+    the grouped 1x1 convolutions were wrong by half their norm on an H200, so a search refuses it)."""
+    memory_format = RuntimeConfig().memory_format(torch.device("cuda"))
     torch.manual_seed(0)
     space = SearchSpace(ops, nodes=4, cells=5)
     plain = Supernet(space, channels=8).cuda()
@@ -112,7 +111,7 @@ def _search_config(preset: str, epochs: int, runtime: dict, **extra) -> SearchCo
         "epochs": epochs,
         "batch_size": 64,
         "seed": 3,
-        "model": {"channels": 8, "cells": 5},
+        "model": {"channels": 8, "cells": 3},
         "data": data,
         "arch_optim": {"lr_scale": 10.0},
         "discretize": {"bn_recal_batches": 5},
@@ -124,11 +123,11 @@ def _search_config(preset: str, epochs: int, runtime: dict, **extra) -> SearchCo
 
 
 def test_fast_path_keeps_the_float32_alpha_trajectory():
-    """bf16 autocast + channels-last + fused edges against the plain float32 (IEEE, no TF32)
-    search: 8 epochs of 32 steps (256 architecture and weight steps) on 4096 images."""
-    fast = run_search(_search_config("da2s", 8, {}))
+    """The default CUDA path (fused edges, cuDNN's TF32 convolutions) against the plain IEEE
+    float32 search: 6 epochs of 32 steps (192 architecture and weight steps) on 4096 images."""
+    fast = run_search(_search_config("da2s", 6, {}))
     with ieee_float32():
-        exact = run_search(_search_config("da2s", 8, {"fused": False, "channels_last": False, "amp": "off"}))
+        exact = run_search(_search_config("da2s", 6, {"fused": False, "channels_last": False, "amp": "off"}))
     figures = {"epochs": []}
     for a_rec, b_rec in zip(exact.history, fast.history):
         diffs, moved = [], []
@@ -202,7 +201,7 @@ def test_resume_on_cuda_matches_an_uninterrupted_search(tmp_path):
 def test_search_steps_keep_data_on_the_gpu():
     """Batches, augmentation and the step itself: no host-device copy and no synchronisation
     per step (the one copy of a pass's random numbers happens when the pass starts)."""
-    config = SearchConfig.resolve("da2s", _search_config("da2s", 1, {}).to_dict())
+    config = _search_config("da2s", 1, {})
     data = make_search_data(DataConfig(**cuda_data(subset=4096, eval_split="holdout", eval_subset=256))).to("cuda")
     search = Search.build(config, 32, data.num_classes, torch.device("cuda"))
     train = batches(data.train, 64, stream_generator(3, 1, 0), augment=True)
@@ -256,8 +255,8 @@ def test_second_order_on_cuda_matches_the_cpu_float32_hypergradient():
     grads = {}
     for device in ("cpu", "cuda"):
         net, arch, w_opt, a_opt, train, valid = _second_order_setup(device)
-        if device == "cuda":
-            net.set_fused(True).set_memory_format(torch.channels_last).set_autocast(torch.bfloat16)  # the defaults
+        if device == "cuda":  # the fused path, under bf16 autocast, which second order must not use
+            net.set_fused(True).set_autocast(torch.bfloat16)
         architect = Architect(net, arch, a_opt, "second", 0.9, 3e-4)
         second, _ = architect.second_order_grads(valid, train, weights, 0.05, w_opt)
         first, _ = architect.first_order_grads(valid, weights)

@@ -36,8 +36,8 @@ def claim_accelerators(reserved_gpus: float, device: str) -> None:
         )
 
 
-def effective_precision(device_name: str, runtime: RuntimeConfig) -> dict[str, str]:
+def effective_precision(device_name: str, runtime: RuntimeConfig, workload: str = "search") -> dict[str, str]:
     """The device and the autocast dtype a search or evaluation will use, as MLflow params."""
     device = resolve_device(device_name)
-    dtype = runtime.autocast_dtype(device)
+    dtype = runtime.autocast_dtype(device, workload)
     return {"device_effective": str(device), "amp_dtype": str(dtype or torch.float32).removeprefix("torch.")}

@@ -70,7 +70,7 @@ def evaluate_one(
         return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FAILED", {}, f"AcceleratorError: {err}")
     run = TrackedRun(tracking_uri, experiment_id, job.trial_run_id, "eval_id", job.eval_id)
     params = params_of(
-        config.to_dict(), {"trial_id": job.trial_id, **effective_precision(config.device, config.runtime)}
+        config.to_dict(), {"trial_id": job.trial_id, **effective_precision(config.device, config.runtime, "evaluate")}
     )
     run.open(
         f"eval-{job.dataset}-{job.trial_id}",
