@@ -24,12 +24,11 @@ from tuning.report import (
     export_alpha_plots,
     final_skip_table,
     load_trials,
-    markdown_table,
     plot_drops,
     plot_skip_counts,
+    report_text,
     skip_count_histories,
     summarise,
-    table4,
 )
 from tuning.tracking import resolve_tracking_uri
 
@@ -70,17 +69,7 @@ def main(argv=None) -> int:
     if args.csv:
         print(csv_table(rows), end="")
         return 0
-    # Methods side by side per target when that makes a readable table: a few methods, several targets.
-    side_by_side = 1 < len({r.method for r in rows}) <= 3 and len({r.target for r in rows}) > 1
-    layout = args.layout if args.layout != "auto" else ("table4" if side_by_side else "rows")
-    text = f"# {args.experiment}\n\n{len(finished)} finished trials"
-    if other:
-        states = ", ".join(sorted({t.status + (" early-stopped" if "early_stopped" in t.tags else "") for t in other}))
-        text += f"; {len(other)} not counted ({states})"
-    text += "\n\n"
-    if layout == "table4":
-        text += table4(rows) + "\n\nAll columns:\n\n"
-    text += markdown_table(rows) + "\n"
+    text = report_text(args.experiment, finished, other, args.layout)
     print(text)
     out = Path(args.out or Path("runs") / "reports" / args.experiment)
     out.mkdir(parents=True, exist_ok=True)

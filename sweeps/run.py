@@ -33,7 +33,8 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from nas.config import ConfigError  # noqa: E402
 from nas.data import DataNotFoundError  # noqa: E402
 from tuning.config import SweepConfig  # noqa: E402
-from tuning.tracking import redact, ui_command  # noqa: E402
+from tuning.tracking import redact  # noqa: E402
+from tuning.ui import instructions  # noqa: E402
 
 
 def _fmt(value, digits=2) -> str:
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
             )
     print(f"\nRay results:  {outcome.experiment_dir}")
     print(f"MLflow:       {redact(outcome.tracking_uri)}  (experiment '{sweep.mlflow.experiment or sweep.name}')")
-    print(f"Open the UI:  {ui_command(outcome.tracking_uri)}")
+    print(instructions(outcome.tracking_uri, sweep.mlflow.experiment or sweep.name, outcome.experiment_id))
     print(f"Report:       python sweeps/report.py {sweep.mlflow.experiment or sweep.name}")
     if outcome.pending:
         total = sum(count for _, count in outcome.pending)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nas.plots import pyplot, save_figure
 
+from .presentation import report_names, skip_connect_keys
 from .tracking import PARENT_TAG, client_for, retrying
 
 COLUMNS = (
@@ -108,7 +109,7 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], 
             params.get("target", "?"),
             params.get("seed", "?"),
             run.info.status,
-            {**run.data.metrics, **errors.get(run.info.run_id, {})},
+            {**report_names(run.data.metrics), **errors.get(run.info.run_id, {})},
             dict(params),
             dict(tags),
         )
@@ -131,6 +132,24 @@ def summarise(trials: Sequence[TrialRecord]) -> list[Row]:
     method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (_target_key(r.target), method_rank.get(r.method, 99), r.method))
     return rows
+
+
+def report_text(
+    experiment: str, finished: Sequence[TrialRecord], other: Sequence[TrialRecord], layout: str = "auto"
+) -> str:
+    """The Markdown report: a count of the trials, the Table 4 layout where it reads well (a few
+    methods under several targets) or when asked, then every column per method and target."""
+    rows = summarise(finished)
+    side_by_side = 1 < len({r.method for r in rows}) <= 3 and len({r.target for r in rows}) > 1
+    layout = layout if layout != "auto" else ("table4" if side_by_side else "rows")
+    text = f"# {experiment}\n\n{len(finished)} finished trials"
+    if other:
+        states = ", ".join(sorted({t.status + (" early-stopped" if "early_stopped" in t.tags else "") for t in other}))
+        text += f"; {len(other)} not counted ({states})"
+    text += "\n\n"
+    if layout == "table4":
+        text += table4(rows) + "\n\nAll columns:\n\n"
+    return text + markdown_table(rows) + "\n"
 
 
 def _target_key(target: str) -> tuple:
@@ -269,12 +288,10 @@ def skip_count_histories(tracking_uri: str, trials: Sequence[TrialRecord]) -> di
     client = client_for(tracking_uri)
     sums: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for trial in trials:
-        for key in trial.metrics:
-            if key.startswith("skip_connect/"):
-                level = key.split("/", 1)[1]
-                history = retrying(lambda key=key, trial=trial: client.get_metric_history(trial.run_id, key), "history")
-                for point in history:
-                    sums[trial.method][level][point.step].append(point.value)
+        for level, key in skip_connect_keys(trial.metrics).items():
+            history = retrying(lambda key=key, trial=trial: client.get_metric_history(trial.run_id, key), "history")
+            for point in history:
+                sums[trial.method][level][point.step].append(point.value)
     return {
         method: {
             level: {step: statistics.fmean(v) for step, v in sorted(steps.items())} for level, steps in levels.items()

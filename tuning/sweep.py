@@ -31,6 +31,7 @@ from nas.data import load_cifar10, resolve_root
 from . import preflight
 from .config import SweepConfig
 from .evaluation import run_evaluation_stage
+from .presentation import present_experiment, present_summary
 from .space import SpaceSampler, make_sampler
 from .tracking import (
     PENDING_FILE,
@@ -416,6 +417,7 @@ def run_sweep(
     client = client_for(tracking_uri)
     experiment_id = ensure_experiment(client, sweep.mlflow.experiment or sweep.name, local_artifact_root(tracking_uri))
     parent_run_id = _parent_run(client, experiment_id, sweep, experiment_dir, resume)
+    present_experiment(client, experiment_id, sweep, parent_run_id)
     objectives = sweep.objectives()
     settings = TrialSettings(
         sweep=sweep.name,
@@ -528,6 +530,10 @@ def run_sweep(
             _end_open_runs(client, experiment_id, sweep.name, "KILLED", "its trial ended without closing it")
             fail_unfinished_optuna_trials(_journal_path(sweep, base, experiment_dir), sweep.name)
         _summarise(client, parent_run_id, sweep, outcome)
+        try:
+            present_summary(client, tracking_uri, sweep, parent_run_id)
+        except Exception as err:  # a summary that cannot be drawn must not fail a finished sweep
+            log.warning("MLflow: the sweep's summary could not be written (%s)", err)
         retrying(lambda: client.set_terminated(parent_run_id, "FINISHED"), "end sweep run")
     return outcome
 

@@ -68,12 +68,6 @@ def local_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
-def ui_command(tracking_uri: str) -> str:
-    if tracking_uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
-    return f"open {redact(tracking_uri)} in a browser (the MLflow server)"
-
-
 def retrying(fn: Callable[[], T], what: str, attempts: int = 12) -> T:
     """Calls fn, retrying with backoff while the store is busy (sqlite locks, a restarting server)."""
     delay = 0.2

@@ -30,6 +30,7 @@ from nas.search import CHECKPOINT, EpochEvent, SearchConfig, SearchDiverged, arc
 
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import FINAL_METRICS, method_label, trial_search
+from .presentation import COLOUR_TAG, NOTE_TAG, method_colour, mlflow_metrics, report_names, trial_note
 from .tracking import PENDING_FILE, TrackedRun, params_of
 
 
@@ -97,9 +98,10 @@ def _restore_checkpoint(out_dir: Path) -> None:
 
 def _stored_result(run) -> dict[str, Any]:
     data = run.client.get_run(run.run_id).data
-    result = {
-        k: v for k, v in data.metrics.items() if k in FINAL_METRICS or k in ("valid_acc", "discretized_acc", "drop")
-    }
+    stored = report_names(data.metrics)
+    result = {k: v for k, v in stored.items() if k in FINAL_METRICS or k in ("discretized_acc", "drop")}
+    if "supernet_acc" in result:
+        result["valid_acc"] = result["supernet_acc"]
     with tempfile.TemporaryDirectory() as tmp:
         genotype = Path(run.client.download_artifacts(run.run_id, "genotype.json", tmp)).read_text()
     return {**result, "genotype": json.dumps(json.loads(genotype)), "mlflow_run_id": run.run_id, "diverged": 0.0}
@@ -138,7 +140,7 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     run.open(
         trial_name(method, config, trial_id),
         params_of(config.to_dict(), extras),
-        {"sweep": settings.sweep, "kind": "trial"},
+        {"sweep": settings.sweep, "kind": "trial", COLOUR_TAG: method_colour(method)},
     )
     if problem is not None:
         run.set_tags({"failure": f"{type(problem).__name__}: {problem}"})
@@ -154,7 +156,7 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     def on_epoch(event: EpochEvent) -> None:
         nonlocal overhead
         tick = time.perf_counter()
-        run.log_epoch(event.metrics, event.epoch)
+        run.log_epoch(mlflow_metrics(event.metrics, tuple(event.record["loss_terms"])), event.epoch)
         metrics = {**event.metrics, "epoch": event.epoch, "mlflow_run_id": run.run_id}
         if event.epoch == event.epochs:
             last.update(metrics)  # reported with the final metrics, as one result
@@ -183,10 +185,16 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     final["params"] = float(derived_params(result.genotype))
     final["search_seconds"] = search_seconds
     tick = time.perf_counter()
-    # The last epoch already logged discretized_acc and drop at this step, with these values.
-    run.log_final({k: v for k, v in final.items() if last.get(k) != v}, config.epochs)
+    # The last epoch already logged the supernet and discretized accuracies and the drop at this
+    # step, under the same names; only what differs is logged.
+    logged = mlflow_metrics(last)
+    run.log_final({k: v for k, v in mlflow_metrics(final).items() if logged.get(k) != v}, config.epochs)
     run.log_artifacts(out_dir)
-    run.set_tags({"genotype": result.genotype.describe(), "target": result.info["target"], "method": method})
+    cells = {level: f"cells/cell_{level}.png" for level in result.genotype.levels}
+    note = trial_note(run.run_id, method, result.info["target"], config.seed, final, result.genotype.describe(), cells)
+    run.set_tags(
+        {"genotype": result.genotype.describe(), "target": result.info["target"], "method": method, NOTE_TAG: note}
+    )
     pending, pending_file = _end_run(run, "FINISHED", out_dir)
     overhead += time.perf_counter() - tick
     report = {

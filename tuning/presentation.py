@@ -1,0 +1,323 @@
+"""How a sweep reads in the MLflow UI: metric names, run colours, run descriptions and the view that
+the printed link opens.
+
+Metric names. The search reports flat names (`valid_acc`, `discretized_acc`, `skip_connect/normal`,
+...), which Ray Tune, the sweep's objectives and the schedulers use. MLflow gets one name per
+quantity, the same over the epochs and at the end, grouped by the prefix before the `/` (the UI's
+chart sections, sorted by name): `accuracy/` (supernet, discretized, drop) comes first, then the
+same after BN recalibration and with unit edge weights, then `architecture/`, `loss/`, `network/`
+(parameters in millions), `optim/` and `time/`. Values are rounded to 5 significant digits (no
+`21.299999999999997`). `report_names` maps MLflow's names back (old stores' names pass through).
+
+View. The sweep stores one MLflow "shared view" on its experiment (the experiment tag
+`mlflow.sharedViewState.<key>`, which the UI's Share button writes too): the trials only (not the
+sweep's own run, so none is folded under it), the columns method, target, seed and the headline
+metrics, sorted by method, every run shown in the charts, and the charts of the compare view
+(bars of the drop and of both accuracies per run, accuracy curves over the epochs, supernet vs
+discretized accuracy). `runs_link` opens the runs table on that view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+# Ray/nas name -> MLflow name. Final and per-epoch values of one quantity share a name.
+METRIC_NAMES = {
+    "valid_acc": "accuracy/supernet",
+    "supernet_acc": "accuracy/supernet",
+    "discretized_acc": "accuracy/discretized",
+    "drop": "accuracy/drop",
+    "train_acc": "accuracy/supernet_train",
+    "supernet_bn_recal_acc": "accuracy_bn_recal/supernet",
+    "discretized_bn_recal_acc": "accuracy_bn_recal/discretized",
+    "drop_bn_recal": "accuracy_bn_recal/drop",
+    "discretized_unit_edges_acc": "accuracy_unit_edges/discretized",
+    "drop_unit_edges": "accuracy_unit_edges/drop",
+    "discretized_unit_edges_bn_recal_acc": "accuracy_unit_edges/discretized_bn_recal",
+    "drop_unit_edges_bn_recal": "accuracy_unit_edges/drop_bn_recal",
+    "max_op_weight": "architecture/max_op_weight",
+    "kept_edge_share": "architecture/kept_edge_share",
+    "params": "network/params_M",
+    "train_loss": "loss/train",
+    "valid_loss": "loss/supernet",
+    "arch_ce": "loss/arch_ce",
+    "lr": "optim/lr",
+    "alpha_lr": "optim/alpha_lr",
+    "beta_lr": "optim/beta_lr",
+    "seconds": "time/epoch_seconds",
+    "search_seconds": "time/search_seconds",
+}
+# Per-level diagnostics: `skip_connect/normal` -> `architecture/skip_connect_normal`.
+LEVEL_METRICS = {"skip_connect": "skip_connect", "op_entropy_per_edge": "op_entropy", "max_op_weight": "max_op_weight"}
+SCALE = {"params": 1e-6}
+# MLflow name -> the name the report and the trainable read (the final value's name).
+REPORT_NAMES = {
+    **{mlflow: name for name, mlflow in METRIC_NAMES.items() if name != "valid_acc"},
+}
+HEADLINE = ("accuracy/discretized", "accuracy/drop", "accuracy/supernet", "accuracy_bn_recal/drop", "network/params_M")
+
+METHOD_COLOURS = {"darts": "#d62728", "da2s": "#1f77b4", "multilevel": "#2ca02c"}
+# Further methods (labels from `method_label`) take these, by a hash of their name.
+PALETTE = ("#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939")
+SWEEP_COLOUR = "#555555"
+VIEW_KEY = "trials"
+NOTE_TAG = "mlflow.note.content"
+COLOUR_TAG = "mlflow.runColor"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+
+
+def significant(value: float, digits: int = 5) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def mlflow_name(name: str) -> str:
+    if name in METRIC_NAMES:
+        return METRIC_NAMES[name]
+    head, _, level = name.partition("/")
+    if level and head in LEVEL_METRICS:
+        return f"architecture/{LEVEL_METRICS[head]}_{level}"
+    if name.startswith("weight_"):
+        return f"loss_weight/{name[len('weight_') :]}"
+    return name
+
+
+def mlflow_metrics(metrics: Mapping[str, Any], loss_terms: tuple[str, ...] = ()) -> dict[str, float]:
+    """Finite numeric metrics under their MLflow names, scaled (parameters in millions) and rounded."""
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        key = f"loss/{name}" if name in loss_terms else mlflow_name(name)
+        out[key] = significant(float(value) * SCALE.get(name, 1.0))
+    return out
+
+
+def report_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """MLflow metrics under the names the report uses (`discretized_acc`, `params` as a count,
+    `skip_connect/normal`); a store written with those names reads the same."""
+    out = dict(metrics)
+    for key, value in metrics.items():
+        name = REPORT_NAMES.get(key)
+        if name is not None:
+            out.setdefault(name, value / SCALE.get(name, 1.0))
+        elif key.startswith("architecture/skip_connect_"):
+            out.setdefault(f"skip_connect/{key[len('architecture/skip_connect_') :]}", value)
+    return out
+
+
+def skip_connect_keys(metric_keys) -> dict[str, str]:
+    """level -> the metric holding its skip_connect count over the epochs (new or old name)."""
+    found = {}
+    for key in metric_keys:
+        if key.startswith("architecture/skip_connect_"):
+            found[key[len("architecture/skip_connect_") :]] = key
+        elif key.startswith("skip_connect/"):
+            found.setdefault(key.split("/", 1)[1], key)
+    return found
+
+
+def method_colour(method: str) -> str:
+    """One colour per method: fixed for the presets, from a palette by name for other labels."""
+    key = method.strip().lower()
+    if key in METHOD_COLOURS:
+        return METHOD_COLOURS[key]
+    return PALETTE[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(PALETTE)]
+
+
+def artifact_url(run_id: str, path: str) -> str:
+    """A URL the MLflow UI's pages resolve to the run's artifact (relative to the UI's root)."""
+    return "get-artifact?" + urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def trial_note(
+    run_id: str,
+    method: str,
+    target: str,
+    seed: Any,
+    metrics: Mapping[str, float],
+    genotype_text: str,
+    cell_files: Mapping[str, str],
+) -> str:
+    """The Markdown description of a trial's run: accuracies and drops (plain and after BN
+    recalibration), the derived network's size, and its cells, drawn inline."""
+    m = metrics
+    rows = [
+        ("stored BN statistics", m.get("supernet_acc"), m.get("discretized_acc"), m.get("drop")),
+        (
+            "after BN recalibration",
+            m.get("supernet_bn_recal_acc"),
+            m.get("discretized_bn_recal_acc"),
+            m.get("drop_bn_recal"),
+        ),
+    ]
+    lines = [
+        f"**{method}**, target {target}, seed {seed}",
+        "",
+        "| accuracy (%) | supernet | discretized | drop |",
+        "|---|---:|---:|---:|",
+        *(f"| {label} | {_num(s)} | {_num(d)} | {_num(p)} |" for label, s, d, p in rows),
+        "",
+    ]
+    if m.get("params") is not None:
+        lines += [f"Derived network: **{m['params'] / 1e6:.2f} M** parameters (CIFAR-10, 20 cells, C=36).", ""]
+    lines += ["```", genotype_text, "```", ""]
+    for level, path in cell_files.items():
+        lines += [f"![{level} cell]({artifact_url(run_id, path)})", ""]
+    return "\n".join(lines)
+
+
+def sweep_note(sweep_name: str, description: str, table: str, drops_path: str | None, run_id: str) -> str:
+    """The Markdown description of the sweep's run: the report's table and its drop plot."""
+    lines = [f"**Sweep `{sweep_name}`**", ""]
+    if description:
+        lines += [description.strip(), ""]
+    lines += [table, "", "Mean ± std over seeds; accuracies in %, drop = supernet − discretized (points).", ""]
+    if drops_path:
+        lines += [f"![accuracy drop per target and method]({artifact_url(run_id, drops_path)})", ""]
+    return "\n".join(lines)
+
+
+def experiment_note(sweep_name: str, description: str, experiment_id: str, parent_run_id: str) -> str:
+    lines = [description.strip(), ""] if description else []
+    lines += [
+        f"Sweep `{sweep_name}`: one run per trial, coloured by method; the table lists the trials with "
+        "their method, target, supernet and discretized accuracy and the drop between them. "
+        "**Chart** compares them (drop, accuracies, curves over the epochs).",
+        "",
+        f"Summary table and drop plot: [the sweep's run](#/experiments/{experiment_id}/runs/{parent_run_id}).",
+    ]
+    return "\n".join(lines)
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"
+
+
+def _bar(uuid: str, metric: str, section: str) -> dict[str, Any]:
+    return {"uuid": uuid, "type": "BAR", "runsCountToCompare": 100, "metricSectionId": section, "deleted": False,
+            "isGenerated": False, "metricKey": metric, "displayName": metric}  # fmt: skip
+
+
+def _line(uuid: str, metrics: list[str], section: str) -> dict[str, Any]:
+    return {"uuid": uuid, "type": "LINE", "runsCountToCompare": 100, "metricSectionId": section, "deleted": False,
+            "isGenerated": False, "metricKey": metrics[0], "selectedMetricKeys": metrics, "scaleType": "linear",
+            "lineSmoothness": 0, "xAxisKey": "step", "selectedXAxisMetricKey": "", "xAxisScaleType": "linear",
+            "displayName": " & ".join(metrics)}  # fmt: skip
+
+
+def _scatter(uuid: str, x: str, y: str, section: str) -> dict[str, Any]:
+    return {"uuid": uuid, "type": "SCATTER", "runsCountToCompare": 100, "metricSectionId": section, "deleted": False,
+            "isGenerated": False, "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}}  # fmt: skip
+
+
+WIDTHS = {"params.`method`": 90, "params.`target`": 110, "params.`seed`": 60, "metrics.`accuracy/drop`": 110}
+
+
+def view_state() -> dict[str, Any]:
+    """The runs table and the compare view that the printed link opens."""
+    columns = [_column("params", "method"), _column("params", "target"), _column("params", "seed")]
+    columns += [_column("metrics", m) for m in HEADLINE]
+    story, curves = "section-story", "section-curves"
+    charts = [
+        _bar("chart-drop", "accuracy/drop", story),
+        _bar("chart-discretized", "accuracy/discretized", story),
+        _bar("chart-supernet", "accuracy/supernet", story),
+        _bar("chart-drop-bn-recal", "accuracy_bn_recal/drop", story),
+        _scatter("chart-scatter", "accuracy/supernet", "accuracy/discretized", story),
+        _bar("chart-params", "network/params_M", story),
+        _line("chart-curves", ["accuracy/supernet", "accuracy/discretized"], curves),
+        _line("chart-drop-curve", ["accuracy/drop"], curves),
+    ]
+    sections = [
+        {"uuid": story, "name": "Discretization: drop and accuracies per trial", "display": True,
+         "isReordered": False, "deleted": False, "isGenerated": False},
+        {"uuid": curves, "name": "Over the epochs", "display": True, "isReordered": False, "deleted": False,
+         "isGenerated": False},
+    ]  # fmt: skip
+    return {
+        "searchFilter": "tags.kind = 'trial'",
+        "orderByKey": _column("params", "method"),
+        "orderByAsc": True,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": columns,
+        # The grid's column ids are the column keys; method and target first.
+        "columnOrder": columns,
+        "columnWidths": {c: WIDTHS.get(c, 120) for c in columns},
+        "runsHiddenMode": "SHOW_ALL",
+        "compareRunCharts": charts,
+        "compareRunSections": sections,
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+        "chartsSearchFilter": "",
+    }
+
+
+def view_tag(name: str = "Trials by method") -> tuple[str, str]:
+    """(experiment tag key, value) of the shared view, in the UI's saved-view envelope."""
+    now = int(time.time() * 1000)
+    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state())}
+    return VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(envelope)
+
+
+def runs_link(base_url: str, experiment_id: str, chart: bool = False) -> str:
+    """The URL that opens the experiment's runs table (not MLflow 3's GenAI page) on the shared
+    view; with `chart`, its compare view."""
+    query = {"workflowType": "machine_learning", "viewStateShareKey": VIEW_KEY}
+    if chart:
+        query["compareRunsMode"] = "CHART"
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
+
+
+def present_experiment(client, experiment_id: str, sweep, parent_run_id: str) -> None:
+    """The experiment's description and shared view, and the sweep run's colour (at the sweep's
+    start, so that the link works while it runs)."""
+    from .tracking import retrying
+
+    key, value = view_tag()
+    note = experiment_note(sweep.name, sweep.description, experiment_id, parent_run_id)
+    retrying(lambda: client.set_experiment_tag(experiment_id, key, value), "tag experiment")
+    retrying(lambda: client.set_experiment_tag(experiment_id, NOTE_TAG, note), "tag experiment")
+    retrying(lambda: client.set_tag(parent_run_id, COLOUR_TAG, SWEEP_COLOUR), "tag sweep run")
+
+
+def present_summary(client, tracking_uri: str, sweep, run_id: str) -> None:
+    """The report's table and drops.png on the sweep's run (a SweepConfig's), and as its description."""
+    import tempfile
+    from pathlib import Path
+
+    from .report import load_trials, plot_drops, report_text, summarise
+    from .tracking import retrying
+
+    experiment = sweep.mlflow.experiment or sweep.name
+    finished, other = load_trials(tracking_uri, experiment)
+    if not finished:
+        return
+    text = report_text(experiment, finished, other)
+    table = text.split("\n\n", 2)[-1]  # without the report's title line
+    with tempfile.TemporaryDirectory() as tmp:
+        drops = plot_drops(summarise(finished), Path(tmp) / "drops.png", experiment)
+        retrying(lambda: client.log_artifact(run_id, str(drops)), "log drops.png")
+    retrying(lambda: client.log_text(run_id, text, "report.md"), "log report")
+    note = sweep_note(
+        sweep.name, sweep.description, f"{len(finished)} finished trials.\n\n{table}", "drops.png", run_id
+    )
+    retrying(lambda: client.set_tag(run_id, NOTE_TAG, note[:8000]), "tag sweep run")

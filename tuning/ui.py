@@ -1,0 +1,225 @@
+"""The MLflow UI on a sweep's store: a local server, stores that were moved, and a headless browser.
+
+A local sqlite store records the absolute path of every run's artifacts (MLflow does so), so a
+`runs/` folder that was moved or copied would open with empty artifact lists. `relocate_artifacts`
+finds such records: where the artifacts lie beside the store as this project writes them
+(`mlartifacts/` next to `mlflow.db`), it points the records there; where they cannot be found, it
+says so, by experiment. `serve` starts the UI only after that check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from .presentation import runs_link
+from .tracking import redact
+
+log = logging.getLogger(__name__)
+ARTIFACTS_DIR = "mlartifacts"
+DEFAULT_PORT = 5000
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///") :])
+    return None
+
+
+def _local_path(uri: str) -> Path | None:
+    """The file-system path of a local artifact location (a plain path or a file: URI)."""
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    if "://" in uri or ":" in uri.split("/")[0]:
+        return None
+    return Path(uri)
+
+
+@dataclass
+class Relocation:
+    experiment: str
+    old_root: str
+    new_root: str | None  # None: not found beside the store either
+
+
+def relocate_artifacts(tracking_uri: str, apply: bool = True) -> list[Relocation]:
+    """Artifact records of a local sqlite store that point where nothing is; with `apply`, those
+    whose artifacts lie in the store's own `mlartifacts/` are pointed there. Others are listed
+    with `new_root` None (the UI would show them without artifacts)."""
+    db = sqlite_file(tracking_uri)
+    if db is None or not db.exists():
+        return []
+    here = db.parent / ARTIFACTS_DIR
+    found: list[Relocation] = []
+    with sqlite3.connect(db, timeout=30) as con:
+        tables = {row[0] for row in con.execute("select name from sqlite_master where type='table'")}
+        if "experiments" not in tables:
+            return []
+        rows = con.execute("select experiment_id, name, artifact_location from experiments").fetchall()
+        for experiment_id, name, location in rows:
+            path = _local_path(location or "")
+            if path is None or path.exists():
+                continue
+            parts = path.parts
+            if ARTIFACTS_DIR not in parts:
+                found.append(Relocation(name, location, None))
+                continue
+            cut = len(parts) - 1 - parts[::-1].index(ARTIFACTS_DIR)
+            old_root = str(Path(*parts[: cut + 1]))
+            rest = Path(*parts[cut + 1 :]) if cut + 1 < len(parts) else Path()
+            if not (here / rest).exists() or here == Path(old_root):
+                found.append(Relocation(name, location, None))
+                continue
+            found.append(Relocation(name, old_root, str(here)))
+            if apply:
+                prefix = location[: location.index(old_root)] if old_root in location else ""
+                old, new = prefix + old_root, prefix + str(here)
+                con.execute(
+                    "update experiments set artifact_location = ? || substr(artifact_location, ?) "
+                    "where experiment_id = ? and artifact_location like ? || '%'",
+                    (new, len(old) + 1, experiment_id, old),
+                )
+                con.execute(
+                    "update runs set artifact_uri = ? || substr(artifact_uri, ?) "
+                    "where experiment_id = ? and artifact_uri like ? || '%'",
+                    (new, len(old) + 1, experiment_id, old),
+                )
+    return found
+
+
+def report_relocations(found: list[Relocation]) -> None:
+    for item in found:
+        if item.new_root:
+            log.warning(
+                "MLflow store moved: the artifacts of experiment %r were recorded under %s; now read from %s",
+                item.experiment, item.old_root, item.new_root,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "MLflow: the artifacts of experiment %r are recorded at %s, which does not exist: its runs show "
+                "no artifacts (move them back there, or beside the store as %s/)",
+                item.experiment, item.old_root, ARTIFACTS_DIR,
+            )  # fmt: skip
+
+
+def base_url(tracking_uri: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> str:
+    """Where the UI answers: the tracking server itself, or the local server `sweeps/ui.py` starts."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return redact(tracking_uri).rstrip("/")
+    return f"http://{host}:{port}"
+
+
+def instructions(tracking_uri: str, experiment: str, experiment_id: str, port: int = DEFAULT_PORT) -> str:
+    """What the sweep prints: how to start the UI and the links that open the comparison."""
+    base = base_url(tracking_uri, port=port)
+    lines = []
+    if not tracking_uri.startswith(("http://", "https://")):
+        lines.append(f"Open the UI:  python sweeps/ui.py {experiment}   (serves {redact(tracking_uri)} on {base})")
+    lines.append(f"Trials:       {runs_link(base, experiment_id)}")
+    lines.append(f"Compare:      {runs_link(base, experiment_id, chart=True)}")
+    return "\n".join(lines)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tracking_uri: str, port: int, host: str = "127.0.0.1", log_file=None) -> subprocess.Popen:
+    """`mlflow server` on the store, in its own process group (stop it with `stop_server`)."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+               "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
+    db = sqlite_file(tracking_uri)
+    if db is not None:
+        command += ["--artifacts-destination", str(db.parent / ARTIFACTS_DIR)]
+    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    out = log_file if log_file is not None else subprocess.DEVNULL
+    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_for_server(url: str, process: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the MLflow server exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the MLflow server at {url} did not answer within {timeout:.0f}s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# ------------------------------------------------------------------ headless browser
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage")  # fmt: skip
+
+
+def chromium_missing() -> str | None:
+    """Why headless Chromium cannot run here, or None."""
+    import shutil
+
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    for name in ("chromium", "chromedriver"):
+        if shutil.which(name) is None:
+            return f"{name} is not installed (apt-get install chromium chromium-driver)"
+    return None
+
+
+def chromium(profile_dir: str | os.PathLike, width: int = 1600, height: int = 1000):
+    """A selenium driver of Debian's headless Chromium with a fresh profile."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def wait_for_text(driver, texts, timeout: float = 60.0) -> str:
+    """The page's visible text once it holds every one of `texts`."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        try:
+            body = driver.find_element(By.TAG_NAME, "body").text
+        except Exception:
+            body = ""
+        if all(t in body for t in texts):
+            return body
+        time.sleep(0.5)
+    missing = [t for t in texts if t not in body]
+    raise TimeoutError(f"the page never showed {missing}; it showed:\n{body[:3000]}")
