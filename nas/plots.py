@@ -43,92 +43,77 @@ def save_figure(fig, path: str | Path, dpi: int = 120, **options) -> Path:
     return path
 
 
+NODE_LABELS = ("$c_{k-2}$", "$c_{k-1}$")  # the DARTS paper's names of a cell's inputs; its output is c_{k}
+
+
+def _bezier(start, control, end, t: float) -> tuple[float, float]:
+    return tuple((1 - t) ** 2 * a + 2 * (1 - t) * t * c + t**2 * b for a, c, b in zip(start, control, end))
+
+
+def _overlap(a, b) -> float:
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return width * height if width > 0 and height > 0 else 0.0
+
+
 def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
-    """Draws `cell` as a DAG: the two inputs on the left, intermediate nodes in the middle, the
-    concatenated output on the right, each edge labelled with its op."""
+    """Draws `cell` as a DAG: the two inputs c_{k-2} and c_{k-1} on the left, intermediate nodes
+    0..n-1 in the middle, the concatenated output c_{k} on the right, each edge labelled with its
+    op. A label goes to the first point along its edge where it overlaps no node and no other label
+    (the least overlap where none is free)."""
     plt = pyplot()
     from matplotlib.patches import FancyArrowPatch
 
     n = len(cell.nodes)
-    positions = {0: (0.0, 1.2), 1: (0.0, -1.2)}
+    positions = {0: (0.0, 1.6), 1: (0.0, -1.6)}
     for j in range(n):
-        positions[j + 2] = (1.8 + 1.8 * j, 0.9 if j % 2 == 0 else -0.9)
-    out_pos = (1.8 + 1.8 * n, 0.0)
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * n, 3.6))
-    labels = {0: "c_{k-2}", 1: "c_{k-1}", **{j + 2: str(j) for j in range(n)}}
-    for node, source, op in cell.edges():
-        start, end = positions[source], positions[node]
-        rad = 0.25 if (node - source) % 2 else -0.25
-        ax.add_patch(
-            FancyArrowPatch(
-                start,
-                end,
-                connectionstyle=f"arc3,rad={rad}",
-                arrowstyle="-|>",
-                mutation_scale=12,
-                color=OP_COLOURS.get(op, "black"),
-                lw=1.6,
-                shrinkA=14,
-                shrinkB=14,
-            )
-        )
-        # A point of matplotlib's arc3 curve, a quadratic Bezier with its control point at the
-        # chord's midpoint + rad * (dy, -dx); labels near the target, where fewer edges crowd.
-        dx, dy = end[0] - start[0], end[1] - start[1]
-        cx, cy = (start[0] + end[0]) / 2 + rad * dy, (start[1] + end[1]) / 2 - rad * dx
-        t = 0.65
-        mx = (1 - t) ** 2 * start[0] + 2 * (1 - t) * t * cx + t**2 * end[0]
-        my = (1 - t) ** 2 * start[1] + 2 * (1 - t) * t * cy + t**2 * end[1]
-        ax.text(
-            mx,
-            my,
-            op,
-            fontsize=7,
-            ha="center",
-            va="center",
-            color=OP_COLOURS.get(op, "black"),
-            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
-        )
-    for c in cell.concat:
-        ax.add_patch(
-            FancyArrowPatch(
-                positions[c],
-                out_pos,
-                arrowstyle="-|>",
-                mutation_scale=10,
-                color="#999999",
-                lw=0.8,
-                linestyle="--",
-                shrinkA=14,
-                shrinkB=16,
-            )
-        )
+        positions[j + 2] = (2.6 + 2.4 * j, 1.1 if j % 2 == 0 else -1.1)
+    out_pos = (2.6 + 2.4 * n, 0.0)
+    fig, ax = plt.subplots(figsize=(2.6 + 2.1 * n, 4.2))
+    ax.set_xlim(-0.9, out_pos[0] + 0.9)
+    ax.set_ylim(-2.4, 2.4)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    labels = {0: NODE_LABELS[0], 1: NODE_LABELS[1], **{j + 2: str(j) for j in range(n)}}
+    boxes = []
+    node_texts = []
     for index, (x, y) in positions.items():
         empty = index >= 2 and not cell.nodes[index - 2]
         colour = "#a6cee3" if index < 2 else ("#eeeeee" if empty else "#fdbf6f")
-        ax.text(
-            x,
-            y,
-            labels[index],
-            ha="center",
-            va="center",
-            fontsize=9,
-            bbox={"boxstyle": "round,pad=0.4", "fc": colour, "ec": "#555555"},
-        )
-    ax.text(
-        *out_pos,
-        "c_{k}",
-        ha="center",
-        va="center",
-        fontsize=9,
-        bbox={"boxstyle": "round,pad=0.4", "fc": "#b2df8a", "ec": "#555555"},
-    )
-    ax.set_xlim(-0.8, out_pos[0] + 0.8)
-    ax.set_ylim(-2.0, 2.0)
-    ax.set_aspect("equal")
-    ax.axis("off")
+        node_texts.append(ax.text(x, y, labels[index], ha="center", va="center", fontsize=11, zorder=3,
+                                  bbox={"boxstyle": "round,pad=0.4", "fc": colour, "ec": "#555555"}))  # fmt: skip
+    node_texts.append(ax.text(*out_pos, "$c_{k}$", ha="center", va="center", fontsize=11, zorder=3,
+                              bbox={"boxstyle": "round,pad=0.4", "fc": "#b2df8a", "ec": "#555555"}))  # fmt: skip
+    for c in cell.concat:
+        ax.add_patch(FancyArrowPatch(positions[c], out_pos, arrowstyle="-|>", mutation_scale=10, color="#999999",
+                                     lw=0.8, linestyle="--", shrinkA=16, shrinkB=18))  # fmt: skip
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer).expanded(1.05, 1.1) for t in node_texts]
+    for node, source, op in cell.edges():
+        start, end = positions[source], positions[node]
+        rad = 0.25 if (node - source) % 2 else -0.25
+        colour = OP_COLOURS.get(op, "black")
+        ax.add_patch(FancyArrowPatch(start, end, connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>",
+                                     mutation_scale=12, color=colour, lw=1.6, shrinkA=16, shrinkB=16))  # fmt: skip
+        # matplotlib's arc3 curve is a quadratic Bezier with its control point at the chord's
+        # midpoint + rad * (dy, -dx).
+        dx, dy = end[0] - start[0], end[1] - start[1]
+        control = ((start[0] + end[0]) / 2 + rad * dy, (start[1] + end[1]) / 2 - rad * dx)
+        text = ax.text(0, 0, op, fontsize=8, ha="center", va="center", color=colour, zorder=4,
+                       bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": colour, "lw": 0.5, "alpha": 0.95})  # fmt: skip
+        best = None
+        for t in (0.5, 0.62, 0.38, 0.72, 0.28, 0.8, 0.2, 0.86, 0.14):
+            text.set_position(_bezier(start, control, end, t))
+            box = text.get_window_extent(renderer)
+            clash = sum(_overlap(box, other) for other in boxes)
+            if best is None or clash < best[0]:
+                best = (clash, t, box)
+            if clash == 0:
+                break
+        text.set_position(_bezier(start, control, end, best[1]))
+        boxes.append(best[2])
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=11)
     return save_figure(fig, path, 120, bbox_inches="tight")
 
 

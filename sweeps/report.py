@@ -11,6 +11,7 @@ side by side as in the DA²S paper's Table 4. Also writes OUT/drops.png and OUT/
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ from tuning.report import (
     skip_count_histories,
     summarise,
 )
-from tuning.tracking import resolve_tracking_uri
+from tuning.tracking import client_for, resolve_tracking_uri
+from tuning.ui import instructions, relocate_artifacts, report_relocations
 
 
 def main(argv=None) -> int:
@@ -54,7 +56,9 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     uri = resolve_tracking_uri(args.tracking_uri)
+    report_relocations(relocate_artifacts(uri))
     try:
         finished, other = load_trials(uri, args.experiment)
     except LookupError as err:
@@ -91,6 +95,8 @@ def main(argv=None) -> int:
     if args.alpha_plots:
         written += export_alpha_plots(uri, finished, args.alpha_plots, out)
     print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    experiment_id = client_for(uri).get_experiment_by_name(args.experiment).experiment_id
+    print(instructions(uri, args.experiment, experiment_id), file=sys.stderr)
     return 0
 
 

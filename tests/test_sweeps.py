@@ -38,16 +38,24 @@ def sweep_dict(tmp_path: Path, name: str, **changes) -> dict:
     return tiny_sweep_config(name, **{"concurrency": 2, **stores, **changes})
 
 
-def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
+@pytest.fixture(scope="module")
+def e2e_sweep(tmp_path_factory, local_ray):
+    """A finished sweep: DARTS and DA²S, one DA²S trial diverging, an evaluation stage."""
     from tuning.sweep import run_sweep
 
+    tmp_path = tmp_path_factory.mktemp("e2e")
     # beta.lr 1e30 overflows DA2S's beta (Adam's weight-decay term squared); DARTS has no beta.
     space = {"preset": {"choices": ["darts", "da2s"]}, "beta.lr": {"choices": [3e-4, 1e30]}}
     settings = {"epochs": 1, "layers": 5, "channels": 8, "batch_size": 64, "device": "cpu",
                 "data": {"subset": 256, "test_subset": 128, "synthetic": real_data_root() is None, "download": False}}  # fmt: skip
     evaluate = {"top": 2, "by": "discretized_acc", "settings": settings}
-    sweep = SweepConfig.from_dict(sweep_dict(tmp_path, "e2e", space=space, evaluate=evaluate))
-    outcome = run_sweep(sweep, base_dir=tmp_path)
+    description = "DARTS against DA²S on a tiny search."
+    sweep = SweepConfig.from_dict(sweep_dict(tmp_path, "e2e", space=space, evaluate=evaluate, description=description))
+    return run_sweep(sweep, base_dir=tmp_path), tmp_path
+
+
+def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
+    outcome, tmp_path = e2e_sweep
 
     statuses = sorted((t.params["preset"], t.params["beta.lr"], t.status) for t in outcome.trials)
     assert statuses == [
@@ -76,18 +84,40 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
         params = run.data.params
         assert params["method"] == params["preset"] and params["target"] == "[2, 2, 2, 2]"
         assert params["model.channels"] == "4" and params["epochs"] == "2" and "arch_lr_scale_effective" in params
+        # One name per quantity, over the epochs and at the end, in sections that put the
+        # accuracies first; parameters in millions; values without float noise.
+        metrics = run.data.metrics
         for metric in (
-            "supernet_acc",
-            "discretized_acc",
-            "drop",
-            "discretized_bn_recal_acc",
-            "drop_bn_recal",
-            "params",
+            "accuracy/supernet",
+            "accuracy/discretized",
+            "accuracy/drop",
+            "accuracy_bn_recal/discretized",
+            "accuracy_bn_recal/drop",
+            "network/params_M",
         ):
-            assert metric in run.data.metrics, metric
-        history = client.get_metric_history(run.info.run_id, "valid_acc")
-        assert sorted(m.step for m in history) == [1, 2]
-        assert any(key.startswith("skip_connect/") for key in run.data.metrics)
+            assert metric in metrics, metric
+        assert not {"valid_acc", "supernet_acc", "discretized_acc", "drop", "params"} & set(metrics)
+        assert min(sorted({k.split("/")[0] for k in metrics if "/" in k})) == "accuracy"
+        assert all("/" in k for k in metrics), [k for k in metrics if "/" not in k]
+        assert 0.1 < metrics["network/params_M"] < 10
+        assert all(v == float(f"{v:.5g}") for v in metrics.values())
+        for name in ("accuracy/supernet", "accuracy/discretized", "accuracy/drop"):
+            history = client.get_metric_history(run.info.run_id, name)
+            assert sorted(m.step for m in history) == [1, 2], name  # per epoch; the final value is epoch 2's
+        assert metrics["accuracy/drop"] == pytest.approx(
+            metrics["accuracy/supernet"] - metrics["accuracy/discretized"], abs=1e-3
+        )
+        assert {"architecture/skip_connect_normal", "architecture/skip_connect_reduce"} <= set(metrics)
+        # Coloured by method; a description with the accuracies, the size and both cells inline.
+        tags = run.data.tags
+        assert tags["mlflow.runColor"] == {"darts": "#d62728", "da2s": "#1f77b4"}[params["method"]]
+        note = tags["mlflow.note.content"]
+        assert f"**{params['method']}**, target [2, 2, 2, 2]" in note
+        assert f"| stored BN statistics | {metrics['accuracy/supernet']:.2f} | " in note
+        assert f"{metrics['accuracy_bn_recal/drop']:.2f} |" in note and "after BN recalibration" in note
+        assert f"**{metrics['network/params_M']:.2f} M** parameters" in note
+        for level in ("normal", "reduce"):
+            assert f"(get-artifact?path=cells%2Fcell_{level}.png&run_uuid={run.info.run_id})" in note
         top = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"genotype.json", "config.json", "result.json", "cells", "plots"} <= top
         cells = {a.path for a in client.list_artifacts(run.info.run_id, "cells")}
@@ -111,6 +141,23 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
         assert {"result.json", "genotype.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert sorted(e.status for e in outcome.evaluations) == ["FINISHED", "FINISHED"]
 
+    # The sweep's run: the report's table and drop plot; the experiment: a description and the view.
+    (sweep_run,) = parent
+    assert "drops.png" in {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
+    note = sweep_run.data.tags["mlflow.note.content"]
+    assert "DARTS against DA²S on a tiny search." in note and "3 finished trials" in note
+    assert "| darts | [2, 2, 2, 2] | 2 |" in note
+    assert f"(get-artifact?path=drops.png&run_uuid={sweep_run.info.run_id})" in note
+    experiment = client.get_experiment(outcome.experiment_id)
+    assert "DARTS against DA²S" in experiment.tags["mlflow.note.content"]
+    view = json.loads(experiment.tags["mlflow.sharedViewState.trials"])
+    state = json.loads(view["state"])
+    assert state["searchFilter"] == "tags.kind = 'trial'"
+    assert state["selectedColumns"][:4] == ["params.`method`", "params.`target`", "params.`seed`",
+                                            "metrics.`accuracy/discretized`"]  # fmt: skip
+    done = next(r for r in trials if r.info.status == "FINISHED")
+    assert all(c["metricKey"] in done.data.metrics for c in state["compareRunCharts"] if "metricKey" in c)
+
     finished, other = load_trials(outcome.tracking_uri, "e2e")
     assert len(finished) == 3 and len(other) == 1
     rows = {(r.method, r.target): r for r in summarise(finished)}
@@ -132,6 +179,69 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(tmp_path, local_ray):
     assert pictures == {"drops.png", "skip_connect.png", "alpha_darts_normal.png", "alpha_darts_reduce.png",
                         "alpha_da2s_normal.png", "alpha_da2s_reduce.png",
                         "edge_weights_da2s_normal.png", "edge_weights_da2s_reduce.png"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_printed_link_opens_the_trials_table(e2e_sweep, tmp_path):
+    """The link `sweeps/ui.py` prints opens the runs table of the trials, in a fresh headless
+    Chromium, with method, target, discretized accuracy and drop in each trial's row: no click."""
+    from selenium.webdriver.common.by import By
+
+    from tuning.ui import chromium, chromium_missing, free_port, wait_for_text
+
+    missing = chromium_missing()
+    if missing:
+        pytest.skip(missing)
+    outcome, _ = e2e_sweep
+    client = MlflowClient(outcome.tracking_uri)
+    trials = [r for r in client.search_runs([outcome.experiment_id], "tags.kind = 'trial'")]
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "sweeps" / "ui.py"), "e2e",
+         "--tracking-uri", outcome.tracking_uri, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        printed = []
+        while not any(line.startswith("Compare:") for line in printed):
+            line = ui.stdout.readline()
+            assert line, "sweeps/ui.py ended before printing the links:\n" + "".join(printed)
+            printed.append(line)
+        links = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in printed if ": " in line}
+        assert links["Trials"].startswith(f"http://127.0.0.1:{port}/#/experiments/{outcome.experiment_id}/runs?")
+        assert "workflowType=machine_learning" in links["Trials"]
+        driver = chromium(tmp_path / "profile")
+        try:
+            driver.get(links["Trials"])
+            names = [r.info.run_name for r in trials]
+            wait_for_text(driver, ["method", "target", "accuracy/discretized", "accuracy/drop", *names])
+            rows = {}
+            for row in driver.find_elements(By.CSS_SELECTOR, ".ag-center-cols-container [role=row]"):
+                cells = {c.get_attribute("col-id"): c.text for c in row.find_elements(By.CSS_SELECTOR, "[col-id]")}
+                rows[row.get_attribute("row-index")] = cells
+            pinned = driver.find_elements(By.CSS_SELECTOR, ".ag-pinned-left-cols-container [role=row]")
+            names_by_row = {r.get_attribute("row-index"): r.text for r in pinned}
+            assert sorted(names_by_row.values(), key=str) and len(rows) == len(trials)
+            for run in trials:
+                index = next(i for i, text in names_by_row.items() if run.info.run_name in text)
+                cells = rows[index]
+                assert cells["params.`method`"] == run.data.params["method"]
+                assert cells["params.`target`"] == run.data.params["target"]
+                if run.info.status == "FINISHED":
+                    for name in ("accuracy/discretized", "accuracy/drop"):
+                        shown = cells[f"metrics.`{name}`"]
+                        assert float(shown) == pytest.approx(run.data.metrics[name], abs=0.01), (name, shown)
+            if os.environ.get("UI_SCREENSHOTS"):
+                driver.save_screenshot(str(Path(os.environ["UI_SCREENSHOTS"]) / "ui_e2e_trials.png"))
+        finally:
+            driver.quit()
+    finally:
+        os.killpg(ui.pid, signal.SIGINT)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
 
 
 def _worker_pids() -> set[int]:

@@ -94,6 +94,10 @@ def client_for(tracking_uri: str):
 
 
 def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
+    if artifact_root:  # a local store: one that was moved has its artifact records pointed beside it
+        from .ui import relocate_artifacts, report_relocations
+
+        report_relocations(relocate_artifacts(client.tracking_uri))
     experiment = retrying(lambda: client.get_experiment_by_name(name), "get experiment")
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":

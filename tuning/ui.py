@@ -53,9 +53,10 @@ class Relocation:
 
 
 def relocate_artifacts(tracking_uri: str, apply: bool = True) -> list[Relocation]:
-    """Artifact records of a local sqlite store that point where nothing is; with `apply`, those
-    whose artifacts lie in the store's own `mlartifacts/` are pointed there. Others are listed
-    with `new_root` None (the UI would show them without artifacts)."""
+    """Artifact records of a local sqlite store that point where nothing is. Those in this
+    project's layout (`.../mlartifacts/<experiment>`) are pointed at the `mlartifacts/` beside the
+    store (with `apply`); others are listed with `new_root` None when the experiment has runs (the
+    UI would show them without artifacts)."""
     db = sqlite_file(tracking_uri)
     if db is None or not db.exists():
         return []
@@ -63,37 +64,29 @@ def relocate_artifacts(tracking_uri: str, apply: bool = True) -> list[Relocation
     found: list[Relocation] = []
     with sqlite3.connect(db, timeout=30) as con:
         tables = {row[0] for row in con.execute("select name from sqlite_master where type='table'")}
-        if "experiments" not in tables:
+        if not {"experiments", "runs"} <= tables:
             return []
         rows = con.execute("select experiment_id, name, artifact_location from experiments").fetchall()
         for experiment_id, name, location in rows:
             path = _local_path(location or "")
-            if path is None or path.exists():
-                continue
+            if path is None or path.exists() or path.is_relative_to(here):
+                continue  # elsewhere, there, or beside the store and not written yet
             parts = path.parts
             if ARTIFACTS_DIR not in parts:
-                found.append(Relocation(name, location, None))
+                runs = con.execute("select count(*) from runs where experiment_id = ?", (experiment_id,)).fetchone()
+                if runs[0]:
+                    found.append(Relocation(name, location, None))
                 continue
             cut = len(parts) - 1 - parts[::-1].index(ARTIFACTS_DIR)
-            old_root = str(Path(*parts[: cut + 1]))
-            rest = Path(*parts[cut + 1 :]) if cut + 1 < len(parts) else Path()
-            if not (here / rest).exists() or here == Path(old_root):
-                found.append(Relocation(name, location, None))
-                continue
-            found.append(Relocation(name, old_root, str(here)))
+            old = str(Path(*parts[: cut + 1]))
+            found.append(Relocation(name, old, str(here)))
             if apply:
-                prefix = location[: location.index(old_root)] if old_root in location else ""
-                old, new = prefix + old_root, prefix + str(here)
-                con.execute(
-                    "update experiments set artifact_location = ? || substr(artifact_location, ?) "
-                    "where experiment_id = ? and artifact_location like ? || '%'",
-                    (new, len(old) + 1, experiment_id, old),
-                )
-                con.execute(
-                    "update runs set artifact_uri = ? || substr(artifact_uri, ?) "
-                    "where experiment_id = ? and artifact_uri like ? || '%'",
-                    (new, len(old) + 1, experiment_id, old),
-                )
+                for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                    con.execute(
+                        f"update {table} set {column} = ? || substr({column}, ?) "
+                        f"where experiment_id = ? and substr({column}, 1, ?) = ?",
+                        (str(here), len(old) + 1, experiment_id, len(old), old),
+                    )
     return found
 
 

@@ -1,0 +1,59 @@
+"""Metric names, colours and links of the MLflow UI (tuning/presentation.py)."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlparse
+
+from tuning.presentation import (
+    method_colour,
+    mlflow_metrics,
+    report_names,
+    runs_link,
+    skip_connect_keys,
+    trial_note,
+)
+
+
+def test_one_name_per_quantity_rounded_and_in_millions():
+    epoch = {"valid_acc": 21.299999999999997, "discretized_acc": 10.0, "drop": 11.299999999999997,
+             "train_acc": 30.1, "skip_connect/normal": 2.0, "op_entropy_per_edge/reduce": 1.94591,
+             "weight_op_entropy": 0.0, "op_entropy": 1.7, "lr": 0.024986, "seconds": 3.0}  # fmt: skip
+    final = {"supernet_acc": 21.299999999999997, "params": 2_794_123.0, "drop_bn_recal": float("nan")}
+    logged = mlflow_metrics(epoch, loss_terms=("op_entropy",))
+    assert logged["accuracy/supernet"] == 21.3 and logged["accuracy/drop"] == 11.3
+    assert mlflow_metrics(final) == {"accuracy/supernet": 21.3, "network/params_M": 2.7941}
+    assert logged["architecture/skip_connect_normal"] == 2.0 and logged["architecture/op_entropy_reduce"] == 1.9459
+    assert logged["loss/op_entropy"] == 1.7 and logged["loss_weight/op_entropy"] == 0.0
+    assert all("/" in key for key in logged)
+    # The accuracies sort first among the sections the UI builds from the prefixes.
+    assert sorted({key.split("/")[0] for key in logged})[0] == "accuracy"
+
+
+def test_report_reads_new_and_old_names():
+    new = report_names({"accuracy/discretized": 30.0, "network/params_M": 2.5, "architecture/skip_connect_normal": 1})
+    assert new["discretized_acc"] == 30.0 and new["params"] == 2_500_000 and new["skip_connect/normal"] == 1
+    old = report_names({"discretized_acc": 28.0, "params": 3e6})
+    assert old["discretized_acc"] == 28.0 and old["params"] == 3e6
+    assert skip_connect_keys(["skip_connect/normal", "architecture/skip_connect_normal", "x"]) == {
+        "normal": "architecture/skip_connect_normal"
+    }
+
+
+def test_colours_links_and_notes():
+    assert method_colour("darts") != method_colour("da2s")
+    assert method_colour("stage, H=0.1") == method_colour("stage, H=0.1") != method_colour("shared, H=0.1")
+    link = runs_link("http://127.0.0.1:5000/", "7", chart=True)
+    parsed = urlparse(link)
+    assert parsed.fragment.startswith("/experiments/7/runs?")
+    query = parse_qs(parsed.fragment.split("?", 1)[1])
+    assert query == {
+        "workflowType": ["machine_learning"],
+        "viewStateShareKey": ["trials"],
+        "compareRunsMode": ["CHART"],
+    }
+    note = trial_note("abc", "da2s", "[2, 2, 2, 2]", 4, {"supernet_acc": 27.6, "discretized_acc": 28.4,
+                      "drop": -0.8, "params": 2.79e6}, "normal: ...", {"normal": "cells/cell_normal.png"})  # fmt: skip
+    assert (
+        "| stored BN statistics | 27.60 | 28.40 | -0.80 |" in note and "| after BN recalibration | - | - | - |" in note
+    )
+    assert "**2.79 M** parameters" in note and "(get-artifact?path=cells%2Fcell_normal.png&run_uuid=abc)" in note
