@@ -5,7 +5,8 @@
 Prints Markdown (or CSV): per method and target, supernet accuracy, discretized accuracy and drop,
 with and without BN recalibration (mean ± std over seeds), and the derived network's parameters;
 with --layout table4 (the default for two or three methods under several targets), targets in rows and methods
-side by side as in the DA²S paper's Table 4. Also writes OUT/drops.png and OUT/report.md.
+side by side as in the DA²S paper's Table 4. Also writes OUT/drops.png and OUT/report.md, and prints
+the links that open the sweep in the MLflow UI (see sweeps/ui.py).
 """
 
 from __future__ import annotations

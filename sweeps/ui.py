@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from tuning.tracking import client_for, resolve_tracking_uri
 from tuning.ui import (
     DEFAULT_PORT,
+    base_url,
     instructions,
     relocate_artifacts,
     report_relocations,
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
         "--tracking-uri", default="auto", help="default: $MLFLOW_TRACKING_URI, else runs/mlflow.db here"
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--screenshots", metavar="DIR", help="save what the links open (headless Chromium) to DIR and stop"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -74,6 +78,18 @@ def main(argv=None) -> int:
         print(f"\n{experiment.name}")
         text = instructions(uri, experiment.name, experiment.experiment_id, args.port)
         print("\n".join(line for line in text.splitlines() if not line.startswith("Open the UI")), flush=True)
+    if args.screenshots:
+        from tuning.ui import screenshots
+
+        experiment = experiments[0]
+        names = [r.info.run_name for r in client.search_runs([experiment.experiment_id], "tags.kind = 'trial'")]
+        try:
+            written = screenshots(base_url(uri, port=args.port), experiment.experiment_id, names, args.screenshots)
+        finally:
+            if server is not None:
+                stop_server(server)
+        print("written: " + ", ".join(str(p) for p in written))
+        return 0
     if server is None:
         return 0
     print("\nThe MLflow UI is running; Ctrl-C stops it.", flush=True)

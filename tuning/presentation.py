@@ -223,11 +223,17 @@ def _scatter(uuid: str, x: str, y: str, section: str) -> dict[str, Any]:
 WIDTHS = {"params.`method`": 90, "params.`target`": 110, "params.`seed`": 60, "metrics.`accuracy/drop`": 110}
 
 
-def view_state() -> dict[str, Any]:
-    """The runs table and the compare view that the printed link opens."""
+def _images(uuid: str, keys: list[str], step: int, section: str) -> dict[str, Any]:
+    return {"uuid": uuid, "type": "IMAGE", "runsCountToCompare": 100, "metricSectionId": section, "deleted": False,
+            "isGenerated": False, "imageKeys": keys, "step": step, "showRunParams": True}  # fmt: skip
+
+
+def view_state(levels: tuple[str, ...] = ("normal", "reduce"), epochs: int = 0) -> dict[str, Any]:
+    """The runs table and the compare view that the printed link opens; the cells of `levels`
+    side by side as logged at the last epoch (`epochs`)."""
     columns = [_column("params", "method"), _column("params", "target"), _column("params", "seed")]
     columns += [_column("metrics", m) for m in HEADLINE]
-    story, curves = "section-story", "section-curves"
+    story, curves, cells = "section-story", "section-curves", "section-cells"
     charts = [
         _bar("chart-drop", "accuracy/drop", story),
         _bar("chart-discretized", "accuracy/discretized", story),
@@ -237,11 +243,14 @@ def view_state() -> dict[str, Any]:
         _bar("chart-params", "network/params_M", story),
         _line("chart-curves", ["accuracy/supernet", "accuracy/discretized"], curves),
         _line("chart-drop-curve", ["accuracy/drop"], curves),
+        _images("chart-cells", [f"cell_{level}" for level in levels], epochs, cells),
     ]
     sections = [
         {"uuid": story, "name": "Discretization: drop and accuracies per trial", "display": True,
          "isReordered": False, "deleted": False, "isGenerated": False},
         {"uuid": curves, "name": "Over the epochs", "display": True, "isReordered": False, "deleted": False,
+         "isGenerated": False},
+        {"uuid": cells, "name": "Derived cells", "display": True, "isReordered": False, "deleted": False,
          "isGenerated": False},
     ]  # fmt: skip
     return {
@@ -271,10 +280,10 @@ def view_state() -> dict[str, Any]:
     }
 
 
-def view_tag(name: str = "Trials by method") -> tuple[str, str]:
+def view_tag(levels: tuple[str, ...], epochs: int, name: str = "Trials by method") -> tuple[str, str]:
     """(experiment tag key, value) of the shared view, in the UI's saved-view envelope."""
     now = int(time.time() * 1000)
-    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state())}
+    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state(levels, epochs))}
     return VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(envelope)
 
 
@@ -292,7 +301,8 @@ def present_experiment(client, experiment_id: str, sweep, parent_run_id: str) ->
     start, so that the link works while it runs)."""
     from .tracking import retrying
 
-    key, value = view_tag()
+    search = sweep.resolve_trial({})
+    key, value = view_tag(tuple(level.name for level in search.space().levels), search.epochs)
     note = experiment_note(sweep.name, sweep.description, experiment_id, parent_run_id)
     retrying(lambda: client.set_experiment_tag(experiment_id, key, value), "tag experiment")
     retrying(lambda: client.set_experiment_tag(experiment_id, NOTE_TAG, note), "tag experiment")
@@ -312,12 +322,10 @@ def present_summary(client, tracking_uri: str, sweep, run_id: str) -> None:
     if not finished:
         return
     text = report_text(experiment, finished, other)
-    table = text.split("\n\n", 2)[-1]  # without the report's title line
+    body = text.split("\n\n", 1)[1]  # without the report's title line
     with tempfile.TemporaryDirectory() as tmp:
         drops = plot_drops(summarise(finished), Path(tmp) / "drops.png", experiment)
         retrying(lambda: client.log_artifact(run_id, str(drops)), "log drops.png")
     retrying(lambda: client.log_text(run_id, text, "report.md"), "log report")
-    note = sweep_note(
-        sweep.name, sweep.description, f"{len(finished)} finished trials.\n\n{table}", "drops.png", run_id
-    )
+    note = sweep_note(sweep.name, sweep.description, body, "drops.png", run_id)
     retrying(lambda: client.set_tag(run_id, NOTE_TAG, note[:8000]), "tag sweep run")

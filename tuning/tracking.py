@@ -221,6 +221,12 @@ class TrackedRun:
         elif kind == "artifacts":
             if Path(data["path"]).is_dir():
                 self.client.log_artifacts(self.run_id, data["path"], data["name"])
+        elif kind == "image":
+            if Path(data["path"]).is_file():
+                from PIL import Image
+
+                with Image.open(data["path"]) as image:
+                    self.client.log_image(self.run_id, image.convert("RGB"), key=data["key"], step=data["step"])
         elif kind == "text":
             self.client.log_text(self.run_id, data["text"], data["name"])
         elif kind == "end":
@@ -267,6 +273,10 @@ class TrackedRun:
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self._queue("artifact", path=str(path))
+
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        """A PNG as an MLflow image under `key` at `step` (the UI's image grid compares runs)."""
+        self._queue("image", path=str(path), key=key, step=step)
 
     def log_text(self, text: str, name: str) -> None:
         self._queue("text", text=text, name=name)

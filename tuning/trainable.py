@@ -191,6 +191,8 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     run.log_final({k: v for k, v in mlflow_metrics(final).items() if logged.get(k) != v}, config.epochs)
     run.log_artifacts(out_dir)
     cells = {level: f"cells/cell_{level}.png" for level in result.genotype.levels}
+    for level, path in cells.items():  # the compare view's image grid shows the trials' cells side by side
+        run.log_image(out_dir / path, f"cell_{level}", config.epochs)
     note = trial_note(run.run_id, method, result.info["target"], config.seed, final, result.genotype.describe(), cells)
     run.set_tags(
         {"genotype": result.genotype.describe(), "target": result.info["target"], "method": method, NOTE_TAG: note}

@@ -216,3 +216,35 @@ def wait_for_text(driver, texts, timeout: float = 60.0) -> str:
         time.sleep(0.5)
     missing = [t for t in texts if t not in body]
     raise TimeoutError(f"the page never showed {missing}; it showed:\n{body[:3000]}")
+
+
+def screenshots(base: str, experiment_id: str, trial_names: list[str], out_dir: str | os.PathLike) -> list[Path]:
+    """PNGs of what the links open, as a new user sees them (fresh profile): the runs table of the
+    trials, the compare view and the first trial's page with its description."""
+    import tempfile
+
+    from selenium.webdriver.common.by import By
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory() as profile:
+        driver = chromium(profile)
+        try:
+            for name, link in (("ui_trials", runs_link(base, experiment_id)),
+                               ("ui_compare", runs_link(base, experiment_id, chart=True))):  # fmt: skip
+                driver.get(link)
+                wait_for_text(driver, trial_names)
+                time.sleep(4)  # charts draw after the data arrives
+                driver.save_screenshot(str(out / f"{name}.png"))
+                written.append(out / f"{name}.png")
+            driver.get(runs_link(base, experiment_id))
+            wait_for_text(driver, trial_names)
+            driver.find_element(By.LINK_TEXT, trial_names[0]).click()
+            wait_for_text(driver, ["stored BN statistics"])
+            time.sleep(3)
+            driver.save_screenshot(str(out / "ui_trial.png"))
+            written.append(out / "ui_trial.png")
+        finally:
+            driver.quit()
+    return written
