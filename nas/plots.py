@@ -65,13 +65,13 @@ def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
     from matplotlib.patches import FancyArrowPatch
 
     n = len(cell.nodes)
-    positions = {0: (0.0, 1.6), 1: (0.0, -1.6)}
+    positions = {0: (0.0, 2.2), 1: (0.0, -2.2)}
     for j in range(n):
-        positions[j + 2] = (2.6 + 2.4 * j, 1.1 if j % 2 == 0 else -1.1)
+        positions[j + 2] = (2.6 + 2.4 * j, 1.4 if j % 2 == 0 else -1.4)
     out_pos = (2.6 + 2.4 * n, 0.0)
-    fig, ax = plt.subplots(figsize=(2.6 + 2.1 * n, 4.2))
+    fig, ax = plt.subplots(figsize=(2.6 + 2.1 * n, 5.2))
     ax.set_xlim(-0.9, out_pos[0] + 0.9)
-    ax.set_ylim(-2.4, 2.4)
+    ax.set_ylim(-3.0, 3.0)
     ax.set_aspect("equal")
     ax.axis("off")
     labels = {0: NODE_LABELS[0], 1: NODE_LABELS[1], **{j + 2: str(j) for j in range(n)}}
@@ -99,7 +99,7 @@ def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
         # midpoint + rad * (dy, -dx).
         dx, dy = end[0] - start[0], end[1] - start[1]
         control = ((start[0] + end[0]) / 2 + rad * dy, (start[1] + end[1]) / 2 - rad * dx)
-        text = ax.text(0, 0, op, fontsize=8, ha="center", va="center", color=colour, zorder=4,
+        text = ax.text(0, 0, op, fontsize=9, ha="center", va="center", color=colour, zorder=4,
                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": colour, "lw": 0.5, "alpha": 0.95})  # fmt: skip
         best = None
         for t in (0.5, 0.62, 0.38, 0.72, 0.28, 0.8, 0.2, 0.86, 0.14):
@@ -114,7 +114,8 @@ def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
         boxes.append(best[2])
     if title:
         ax.set_title(title, fontsize=11)
-    return save_figure(fig, path, 120, bbox_inches="tight")
+    # About 700 pixels wide for four nodes: the width of a run's description in the MLflow UI.
+    return save_figure(fig, path, 80, bbox_inches="tight")
 
 
 def draw_genotype(genotype: Genotype, directory: str | Path, prefix: str = "cell_") -> list[Path]:

@@ -203,9 +203,9 @@ def _column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
-def _bar(uuid: str, metric: str, section: str) -> dict[str, Any]:
+def _bar(uuid: str, metric: str, section: str, title: str) -> dict[str, Any]:
     return {"uuid": uuid, "type": "BAR", "runsCountToCompare": 100, "metricSectionId": section, "deleted": False,
-            "isGenerated": False, "metricKey": metric, "displayName": metric}  # fmt: skip
+            "isGenerated": False, "metricKey": metric, "displayName": title}  # fmt: skip
 
 
 def _line(uuid: str, metrics: list[str], section: str) -> dict[str, Any]:
@@ -220,7 +220,7 @@ def _scatter(uuid: str, x: str, y: str, section: str) -> dict[str, Any]:
             "isGenerated": False, "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}}  # fmt: skip
 
 
-WIDTHS = {"params.`method`": 90, "params.`target`": 110, "params.`seed`": 60, "metrics.`accuracy/drop`": 110}
+WIDTHS = {"params.`method`": 90, "params.`target`": 110, "params.`seed`": 60, "metrics.`accuracy/discretized`": 160}
 
 
 def _images(uuid: str, keys: list[str], step: int, section: str) -> dict[str, Any]:
@@ -235,12 +235,12 @@ def view_state(levels: tuple[str, ...] = ("normal", "reduce"), epochs: int = 0) 
     columns += [_column("metrics", m) for m in HEADLINE]
     story, curves, cells = "section-story", "section-curves", "section-cells"
     charts = [
-        _bar("chart-drop", "accuracy/drop", story),
-        _bar("chart-discretized", "accuracy/discretized", story),
-        _bar("chart-supernet", "accuracy/supernet", story),
-        _bar("chart-drop-bn-recal", "accuracy_bn_recal/drop", story),
+        _bar("chart-drop", "accuracy/drop", story, "drop"),
+        _bar("chart-discretized", "accuracy/discretized", story, "discretized"),
+        _bar("chart-supernet", "accuracy/supernet", story, "supernet"),
+        _bar("chart-drop-bn-recal", "accuracy_bn_recal/drop", story, "drop, BN recal."),
         _scatter("chart-scatter", "accuracy/supernet", "accuracy/discretized", story),
-        _bar("chart-params", "network/params_M", story),
+        _bar("chart-params", "network/params_M", story, "params (M)"),
         _line("chart-curves", ["accuracy/supernet", "accuracy/discretized"], curves),
         _line("chart-drop-curve", ["accuracy/drop"], curves),
         _images("chart-cells", [f"cell_{level}" for level in levels], epochs, cells),

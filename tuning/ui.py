@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from .presentation import runs_link
-from .tracking import redact
+from .tracking import redact, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 ARTIFACTS_DIR = "mlartifacts"
@@ -117,7 +117,8 @@ def instructions(tracking_uri: str, experiment: str, experiment_id: str, port: i
     base = base_url(tracking_uri, port=port)
     lines = []
     if not tracking_uri.startswith(("http://", "https://")):
-        lines.append(f"Open the UI:  python sweeps/ui.py {experiment}   (serves {redact(tracking_uri)} on {base})")
+        store = "" if tracking_uri == resolve_tracking_uri("auto") else f" --tracking-uri {tracking_uri}"
+        lines.append(f"Open the UI:  python sweeps/ui.py {experiment}{store}   (serves {tracking_uri} on {base})")
     lines.append(f"Trials:       {runs_link(base, experiment_id)}")
     lines.append(f"Compare:      {runs_link(base, experiment_id, chart=True)}")
     return "\n".join(lines)
@@ -240,8 +241,11 @@ def screenshots(base: str, experiment_id: str, trial_names: list[str], out_dir: 
                 written.append(out / f"{name}.png")
             driver.get(runs_link(base, experiment_id))
             wait_for_text(driver, trial_names)
-            driver.find_element(By.LINK_TEXT, trial_names[0]).click()
+            first = '.ag-pinned-left-cols-container [role=row][row-index="0"] a'
+            driver.find_element(By.CSS_SELECTOR, first).click()
             wait_for_text(driver, ["stored BN statistics"])
+            for button in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']"):
+                button.click()  # the whole description, cells included
             time.sleep(3)
             driver.save_screenshot(str(out / "ui_trial.png"))
             written.append(out / "ui_trial.png")
