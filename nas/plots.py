@@ -57,7 +57,14 @@ def _overlap(a, b) -> float:
 
 
 def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
-    """Draws `cell` as a DAG: the two inputs c_{k-2} and c_{k-1} on the left, intermediate nodes
+    """Draws `cell` (see `cell_figure`) to `path`, about 700 pixels wide for four nodes: the width
+    of a run's description in the MLflow UI."""
+    fig, _ = cell_figure(cell, title)
+    return save_figure(fig, path, 80, bbox_inches="tight")
+
+
+def cell_figure(cell: CellGenotype, title: str = ""):
+    """(figure, its node and op label texts): `cell` as a DAG: the two inputs c_{k-2} and c_{k-1} on the left, intermediate nodes
     0..n-1 in the middle, the concatenated output c_{k} on the right, each edge labelled with its
     op. A label goes to the first point along its edge where it overlaps no node and no other label
     (the least overlap where none is free)."""
@@ -89,6 +96,7 @@ def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
                                      lw=0.8, linestyle="--", shrinkA=16, shrinkB=18))  # fmt: skip
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer).expanded(1.05, 1.1) for t in node_texts]
+    texts = list(node_texts)
     for node, source, op in cell.edges():
         start, end = positions[source], positions[node]
         rad = 0.25 if (node - source) % 2 else -0.25
@@ -112,10 +120,10 @@ def draw_cell(cell: CellGenotype, path: str | Path, title: str = "") -> Path:
                 break
         text.set_position(_bezier(start, control, end, best[1]))
         boxes.append(best[2])
+        texts.append(text)
     if title:
         ax.set_title(title, fontsize=11)
-    # About 700 pixels wide for four nodes: the width of a run's description in the MLflow UI.
-    return save_figure(fig, path, 80, bbox_inches="tight")
+    return fig, texts
 
 
 def draw_genotype(genotype: Genotype, directory: str | Path, prefix: str = "cell_") -> list[Path]:

@@ -148,3 +148,19 @@ def test_convergence_metrics_of_hand_set_alpha_and_beta():
             beta.fill_(0.5)  # uniform: the two kept edges of M hold 2 / M of the weight
     shares = [2 / 3, 2 / 4, 2 / 5]
     assert convergence_metrics(arch, derive_genotype(arch))["kept_edge_share"] == pytest.approx(sum(shares) / 3)
+
+
+@pytest.mark.parametrize("name", ["darts_v1", "darts_v2", "pdarts", "pc_darts_cifar"])
+def test_cell_drawings_have_no_overlapping_labels(name):
+    from nas.plots import cell_figure, pyplot
+
+    for level, cell in PUBLISHED[name].levels.items():
+        fig, texts = cell_figure(cell, level)
+        renderer = fig.canvas.get_renderer()
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+        assert {"$c_{k-2}$", "$c_{k-1}$", "$c_{k}$", "0", "3"} <= {text for text, _ in boxes}
+        assert len(boxes) == 7 + len(list(cell.edges()))  # every node and every op is labelled
+        for i, (a_text, a) in enumerate(boxes):
+            for b_text, b in boxes[i + 1 :]:
+                assert not a.overlaps(b), f"{name} {level}: {a_text!r} overlaps {b_text!r}"
+        pyplot().close(fig)
