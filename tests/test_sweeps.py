@@ -116,7 +116,7 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
         assert f"| stored BN statistics | {metrics['accuracy/supernet']:.2f} | " in note
         assert f"{metrics['accuracy_bn_recal/drop']:.2f} |" in note and "after BN recalibration" in note
         assert f"**{metrics['network/params_M']:.2f} M** parameters" in note
-        images = {a.path.split("/")[1].split("%")[0] for a in client.list_artifacts(run.info.run_id, "images")}
+        images = {a.path.split("/")[1].split("+")[0] for a in client.list_artifacts(run.info.run_id, "images")}
         for level in ("normal", "reduce"):
             assert f"(get-artifact?path=cells%2Fcell_{level}.png&run_uuid={run.info.run_id})" in note
             assert f"cell_{level}" in images  # the compare view's image grid of the cells
