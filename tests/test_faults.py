@@ -19,6 +19,7 @@ from conftest import tiny_search_config, tiny_sweep_config
 from mlflow.tracking import MlflowClient
 
 from tuning.config import EPOCH_METRICS, FINAL_METRICS
+from tuning.presentation import mlflow_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "sweeps" / "run.py")]
@@ -89,7 +90,7 @@ def test_mlflow_server_gone_for_a_while_loses_no_metric(tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline:  # the first epoch has reached MLflow
             runs = trial_runs(uri, "outage")
-            if runs and any(MlflowClient(uri).get_metric_history(r.info.run_id, "valid_acc") for r in runs):
+            if runs and any(MlflowClient(uri).get_metric_history(r.info.run_id, "accuracy/supernet") for r in runs):
                 break
             time.sleep(0.3)
         stop_server(server)  # MLflow away while the trials train on
@@ -101,8 +102,8 @@ def test_mlflow_server_gone_for_a_while_loses_no_metric(tmp_path):
         runs = trial_runs(uri, "outage")
         assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
         for run in runs:
-            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid_acc")) == [1, 2, 3]
-            assert "discretized_acc" in run.data.metrics and "params" in run.data.metrics
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "accuracy/supernet")) == [1, 2, 3]
+            assert "accuracy/discretized" in run.data.metrics and "network/params_M" in run.data.metrics
             assert {"genotype.json", "cells", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
         assert not list((tmp_path / "runs").glob("**/mlflow_pending.json"))  # all replayed
     finally:
@@ -131,15 +132,18 @@ def test_eight_trials_logging_at_once_lose_nothing(tmp_path, trials):
         history = {
             key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics
         }
-        final_only = {k for k in history if k in FINAL_METRICS and k not in EPOCH_METRICS} | {"search_seconds"}
-        assert {"supernet_acc", "drop_bn_recal", "params"} <= final_only
+        final_only = {mlflow_name(k) for k in FINAL_METRICS} - {mlflow_name(k) for k in EPOCH_METRICS}
+        final_only = {k for k in history if k in final_only} | {"time/search_seconds"}
+        assert {"accuracy_bn_recal/supernet", "accuracy_bn_recal/drop", "network/params_M"} <= final_only
         assert {k for k, steps in history.items() if steps == [2]} == final_only
         assert {k for k, steps in history.items() if steps == [1, 2]} == set(history) - final_only
-        assert {"valid_acc", "train_loss", "discretized_acc", "skip_connect/normal"} <= set(history)
+        assert {"accuracy/supernet", "loss/train", "accuracy/discretized", "architecture/skip_connect_normal"} <= set(
+            history
+        )
         points[run.info.run_id] = sum(map(len, history.values()))
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         files |= {a.path for a in client.list_artifacts(run.info.run_id, "cells")}
         files |= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-        assert files == {"genotype.json", "config.json", "result.json", "cells", "plots", "cells/cell_normal.png",
+        assert files == {"genotype.json", "config.json", "result.json", "cells", "plots", "images", "cells/cell_normal.png",
                          "cells/cell_reduce.png", "plots/alpha_normal.png", "plots/alpha_reduce.png"}  # fmt: skip
     assert len(set(points.values())) == 1  # the same count in every run

@@ -137,7 +137,8 @@ def start_server(tracking_uri: str, port: int, host: str = "127.0.0.1", log_file
     db = sqlite_file(tracking_uri)
     if db is not None:
         command += ["--artifacts-destination", str(db.parent / ARTIFACTS_DIR)]
-    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    # Without MLflow's job runner (a pool of worker processes for GenAI jobs, unused here).
+    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     out = log_file if log_file is not None else subprocess.DEVNULL
     return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
