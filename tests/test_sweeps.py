@@ -283,7 +283,7 @@ def test_trial_killed_mid_search_resumes_from_its_checkpoint(tmp_path, local_ray
     client = MlflowClient(outcome.tracking_uri)
     runs = [r for r in client.search_runs([outcome.experiment_id]) if r.data.tags.get("kind") == "trial"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags.get("resumed") == "true"
-    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "valid_acc")}
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "accuracy/supernet")}
     assert steps == {1, 2, 3, 4}
 
     # The same search never interrupted, on as many threads as the trial had, ends identically.
@@ -325,7 +325,7 @@ def test_multi_objective_sweep_with_asha_and_its_report(tmp_path, local_ray):
     trials = [r for r in client.search_runs([outcome.experiment_id]) if r.data.tags.get("kind") == "trial"]
     assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)  # none left RUNNING
     for run in trials:  # every trial either ran to its end or carries the scheduler's stop
-        assert ("params" in run.data.metrics) != (run.data.tags.get("early_stopped") == "true")
+        assert ("network/params_M" in run.data.metrics) != (run.data.tags.get("early_stopped") == "true")
 
     study = optuna.load_study(
         study_name="moo", storage=JournalStorage(JournalFileBackend(str(outcome.experiment_dir / "optuna.journal")))
@@ -333,7 +333,7 @@ def test_multi_objective_sweep_with_asha_and_its_report(tmp_path, local_ray):
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     assert complete and all(len(t.values) == 2 for t in complete)
-    assert len(study.trials) == 4 and len(complete) == sum("params" in r.data.metrics for r in trials)
+    assert len(study.trials) == 4 and len(complete) == sum("network/params_M" in r.data.metrics for r in trials)
 
     out = tmp_path / "report"
     done = subprocess.run(
