@@ -207,7 +207,7 @@ def test_sweep_on_a_cluster_that_starts_without_workers(tmp_path, fake_autoscali
     }
     assert set(trials) == {"cpu", "auto"}
     finished, failed = trials["cpu"], trials["auto"]
-    assert finished.info.status == "FINISHED" and "discretized_acc" in finished.data.metrics
+    assert finished.info.status == "FINISHED" and "accuracy/discretized" in finished.data.metrics
     assert finished.data.params["device_effective"] == "cpu" and finished.data.params["amp_dtype"] == "float32"
     assert failed.info.status == "FAILED" and "AcceleratorError" in failed.data.tags["failure"]
 

@@ -17,13 +17,14 @@ from tuning.presentation import (
 def test_one_name_per_quantity_rounded_and_in_millions():
     epoch = {"valid_acc": 21.299999999999997, "discretized_acc": 10.0, "drop": 11.299999999999997,
              "train_acc": 30.1, "skip_connect/normal": 2.0, "op_entropy_per_edge/reduce": 1.94591,
-             "weight_op_entropy": 0.0, "op_entropy": 1.7, "lr": 0.024986, "seconds": 3.0}  # fmt: skip
+             "weight_op_entropy": 0.0, "op_entropy": 1.7, "lr": 0.024986, "seconds": 3.0, "seconds_train": 2.5}  # fmt: skip
     final = {"supernet_acc": 21.299999999999997, "params": 2_794_123.0, "drop_bn_recal": float("nan")}
     logged = mlflow_metrics(epoch, loss_terms=("op_entropy",))
     assert logged["accuracy/supernet"] == 21.3 and logged["accuracy/drop"] == 11.3
     assert mlflow_metrics(final) == {"accuracy/supernet": 21.3, "network/params_M": 2.7941}
     assert logged["architecture/skip_connect_normal"] == 2.0 and logged["architecture/op_entropy_reduce"] == 1.9459
     assert logged["loss/op_entropy"] == 1.7 and logged["loss_weight/op_entropy"] == 0.0
+    assert logged["time/epoch_seconds"] == 3.0 and logged["time/train_seconds"] == 2.5
     assert all("/" in key for key in logged)
     # The accuracies sort first among the sections the UI builds from the prefixes.
     assert sorted({key.split("/")[0] for key in logged})[0] == "accuracy"

@@ -84,6 +84,8 @@ def mlflow_name(name: str) -> str:
         return f"architecture/{LEVEL_METRICS[head]}_{level}"
     if name.startswith("weight_"):
         return f"loss_weight/{name[len('weight_') :]}"
+    if name.startswith("seconds_"):  # the epoch's phases
+        return f"time/{name[len('seconds_') :]}_seconds"
     return name
 
 
