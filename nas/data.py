@@ -43,13 +43,24 @@ class DataConfig:
     # Images of the 50k training set used by the search (both halves); null: all of them.
     subset: int | None = field(default=None, metadata={"min": 2})
     train_portion: float = field(default=0.5, metadata={"gt": 0.0, "max": 1.0})
-    # Where supernet and discretized accuracy are measured: the valid half that trains the
-    # architecture (the DARTS protocol), training images outside the search subset, or the test set.
-    eval_split: Literal["valid", "holdout", "test"] = "valid"
+    # Where supernet and discretized accuracy are measured: `holdout`, training images outside the
+    # search subset; `test`, the test set; `valid`, the half that trains the architecture (the DARTS
+    # code's protocol: the architecture is measured on images it was fitted to, so only by name).
+    # `auto`: images that trained neither weights nor architecture, holdout when the subset leaves
+    # training images (at most 10,000 of them), else the test set (the full 25k/25k split).
+    eval_split: Literal["auto", "valid", "holdout", "test"] = "auto"
     eval_subset: int | None = field(default=None, metadata={"min": 1})
     # 16 averages 2x2 pixels: a cheaper search for CPU-scale studies (SCIENCE.md section 9).
     resolution: Literal[32, 16, 8] = 32
     split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        # `auto` is resolved at once, so that every written config names the split it measured on.
+        if self.eval_split == "auto":
+            used = min(self.subset or CIFAR_TRAIN_SIZE, CIFAR_TRAIN_SIZE)
+            self.eval_split = "holdout" if used < CIFAR_TRAIN_SIZE else "test"
+            if self.eval_split == "holdout" and self.eval_subset is None:
+                self.eval_subset = min(10_000, CIFAR_TRAIN_SIZE - used)
 
     def validate(self, path: str) -> None:
         prefix = f"{path}." if path else ""

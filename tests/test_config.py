@@ -139,3 +139,16 @@ def test_runtime_defaults_follow_the_device():
     plain = SearchConfig.resolve(overrides=["runtime.channels_last=true", "runtime.fused=false"]).runtime
     assert plain.memory_format(cuda) == torch.channels_last
     assert SearchConfig.resolve(overrides=["runtime.amp=bf16"]).runtime.autocast_dtype(cpu) == torch.bfloat16
+
+
+def test_accuracy_is_measured_on_held_out_images_unless_valid_is_asked_for():
+    full = SearchConfig.from_dict({}).data
+    assert full.eval_split == "test" and full.eval_subset is None  # the 25k/25k split leaves no training image
+    subset = SearchConfig.resolve(overrides=["data.subset=8000"]).data
+    assert subset.eval_split == "holdout" and subset.eval_subset == 10_000
+    small = SearchConfig.resolve(overrides=["data.subset=45000"]).data
+    assert small.eval_split == "holdout" and small.eval_subset == 5_000
+    asked = SearchConfig.resolve(overrides=["data.eval_split=valid"]).data
+    assert asked.eval_split == "valid"
+    # resolved once: the written config says where it measured, and reads back the same
+    assert SearchConfig.from_dict(SearchConfig.resolve(overrides=["data.subset=8000"]).to_dict()).data == subset
