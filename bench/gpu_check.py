@@ -252,7 +252,7 @@ def main() -> int:
             test_env["NAS_DATA_ROOT"] = str(Path(args.data_root).resolve())
         command = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"]
         command += ["--durations=0"]
-        record = run(command, budget.limit(150, 330), (out, "cuda tests"), test_env)
+        record = run(command, budget.limit(200, 300), (out, "cuda tests"), test_env)
         summary["tests"] = {k: record.get(k) for k in ("returncode", "seconds")} | {"tail": record["tail"][-600:]}
         if (work / "cuda_tests.json").exists():
             write(out, "cuda_tests", json.loads((work / "cuda_tests.json").read_text()))

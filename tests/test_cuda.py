@@ -122,39 +122,6 @@ def _search_config(preset: str, epochs: int, runtime: dict, **extra) -> SearchCo
     return SearchConfig.resolve(preset, config)
 
 
-def test_fast_path_keeps_the_float32_alpha_trajectory():
-    """The default CUDA path (fused edges, cuDNN's TF32 convolutions) against the plain IEEE
-    float32 search: 6 epochs of 32 steps (192 architecture and weight steps) on 4096 images."""
-    fast = run_search(_search_config("da2s", 6, {}))
-    with ieee_float32():
-        exact = run_search(_search_config("da2s", 6, {"fused": False, "channels_last": False, "amp": "off"}))
-    figures = {"epochs": []}
-    for a_rec, b_rec in zip(exact.history, fast.history):
-        diffs, moved = [], []
-        for level in a_rec["softmax_alpha"]:
-            a = torch.tensor(a_rec["softmax_alpha"][level])
-            b = torch.tensor(b_rec["softmax_alpha"][level])
-            diffs.append((a - b).abs().max().item())
-            moved.append((a - 1.0 / a.shape[1]).abs().max().item())
-        figures["epochs"].append(
-            {
-                "max_alpha_diff": max(diffs),
-                "alpha_moved": max(moved),
-                "supernet_acc_fp32": a_rec["valid_acc"],
-                "supernet_acc_fast": b_rec["valid_acc"],
-            }
-        )
-    figures["final_fp32"] = {k: exact.metrics[k] for k in ("supernet_acc", "discretized_acc")}
-    figures["final_fast"] = {k: fast.metrics[k] for k in ("supernet_acc", "discretized_acc")}
-    figures["same_genotype"] = exact.genotype == fast.genotype
-    figures["seconds"] = {"fp32_plain": exact.info["seconds"], "fast": fast.info["seconds"]}
-    report("fast_vs_float32_trajectory", figures)
-    last = figures["epochs"][-1]
-    assert last["alpha_moved"] > 0.05  # the architecture travelled
-    assert last["max_alpha_diff"] < 0.5 * last["alpha_moved"], last
-    assert abs(fast.metrics["supernet_acc"] - exact.metrics["supernet_acc"]) < 4.0, figures
-
-
 def test_resume_on_cuda_matches_an_uninterrupted_search(tmp_path):
     """A checkpoint written mid-search on the GPU resumes to the result of not stopping, as far as
     the GPU itself repeats a search (two uninterrupted runs give the baseline)."""
@@ -271,3 +238,36 @@ def test_second_order_on_cuda_matches_the_cpu_float32_hypergradient():
     report("second_order_cuda_vs_cpu", figures)
     assert figures["unrolled_correction_share"] > 0.05  # the second-order term matters here
     assert figures["second_order_cuda_vs_cpu"] < 1e-3, figures
+
+
+def test_fast_path_keeps_the_float32_alpha_trajectory():
+    """The default CUDA path (fused edges, cuDNN's TF32 convolutions) against the plain IEEE
+    float32 search: 6 epochs of 32 steps (192 architecture and weight steps) on 4096 images."""
+    fast = run_search(_search_config("da2s", 6, {}))
+    with ieee_float32():
+        exact = run_search(_search_config("da2s", 6, {"fused": False, "channels_last": False, "amp": "off"}))
+    figures = {"epochs": []}
+    for a_rec, b_rec in zip(exact.history, fast.history):
+        diffs, moved = [], []
+        for level in a_rec["softmax_alpha"]:
+            a = torch.tensor(a_rec["softmax_alpha"][level])
+            b = torch.tensor(b_rec["softmax_alpha"][level])
+            diffs.append((a - b).abs().max().item())
+            moved.append((a - 1.0 / a.shape[1]).abs().max().item())
+        figures["epochs"].append(
+            {
+                "max_alpha_diff": max(diffs),
+                "alpha_moved": max(moved),
+                "supernet_acc_fp32": a_rec["valid_acc"],
+                "supernet_acc_fast": b_rec["valid_acc"],
+            }
+        )
+    figures["final_fp32"] = {k: exact.metrics[k] for k in ("supernet_acc", "discretized_acc")}
+    figures["final_fast"] = {k: fast.metrics[k] for k in ("supernet_acc", "discretized_acc")}
+    figures["same_genotype"] = exact.genotype == fast.genotype
+    figures["seconds"] = {"fp32_plain": exact.info["seconds"], "fast": fast.info["seconds"]}
+    report("fast_vs_float32_trajectory", figures)
+    last = figures["epochs"][-1]
+    assert last["alpha_moved"] > 0.05  # the architecture travelled
+    assert last["max_alpha_diff"] < 0.5 * last["alpha_moved"], last
+    assert abs(fast.metrics["supernet_acc"] - exact.metrics["supernet_acc"]) < 4.0, figures
