@@ -20,7 +20,7 @@ printed to OUT_DIR/gpu_check.log:
 5. `packing`: 1, 2 and 4 searches sharing the GPU as separate processes (as Ray's fractional
    `gpu: 0.5` / `0.25` trials would run them; plain `python -m nas search` processes stand in for
    trials), each a standard DA2S search of one 60-step epoch: step time, searches per hour at paper
-   scale (training steps and evaluation scaled to 391 steps and 25k images an epoch), and GPU
+   scale (training steps and evaluation scaled to 391 steps and the 10k test images an epoch), and GPU
    memory per search.
 6. `search_step_compile`: the fast path with torch.compile, if time is left.
 
@@ -208,9 +208,9 @@ def stage_packing(
         if len(done) == n:
             step = sum(r["step_seconds"] for r in done) / n
             # A paper-scale search: 50 epochs of 391 steps; evaluation and discretization scaled from
-            # this run's eval set to 25k images (the default eval split).
+            # this run's eval set to the 10k test images (the default eval split at full scale).
             last = done[0]["epochs"][-1]
-            eval_share = (last.get("eval", 0) + last.get("discretize", 0)) * 25_000 / eval_images
+            eval_share = (last.get("eval", 0) + last.get("discretize", 0)) * 10_000 / eval_images
             epoch = step * REFERENCE_STEPS + eval_share
             entry.update(
                 step_seconds_per_search=step,
