@@ -133,5 +133,6 @@ def test_clusters_that_can_grow_need_a_shared_filesystem(tmp_path):
     assert info.value.field == "storage" and "s3://" in str(info.value) and "NFS" in str(info.value)
     check_for_added_nodes(local, can_grow=True, kind="nfs4")  # EFS / NFS: every node can mount it
     check_for_added_nodes(local, can_grow=True, kind="fuse.juicefs")
+    check_for_added_nodes(local, can_grow=True, kind="ext4", declared=True)  # storage_options.shared
     check_for_added_nodes(local, can_grow=False)  # a fixed set of nodes: asked one by one instead
     check_for_added_nodes(open_storage("s3://results/x", endpoint="http://127.0.0.1:9"), can_grow=True)

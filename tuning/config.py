@@ -184,6 +184,9 @@ class StorageOptions:
 
     endpoint: str | None = None  # e.g. https://minio.internal:9000
     region: str | None = None
+    # A path that every node, also those an autoscaler adds later, mounts at the same place, on a
+    # filesystem whose type does not show it (nodes alive at the start are checked all the same).
+    shared: bool = False
 
     def validate(self, path: str) -> None:
         if self.endpoint is not None and not re.match(r"^https?://[^/@\s]+/?$", self.endpoint):

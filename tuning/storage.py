@@ -274,10 +274,11 @@ def is_shared_filesystem(kind: str) -> bool:
     return kind in SHARED_FILESYSTEMS or kind.startswith("fuse.")
 
 
-def check_for_added_nodes(storage: Storage, can_grow: bool, kind: str | None = None) -> None:
+def check_for_added_nodes(storage: Storage, can_grow: bool, kind: str | None = None, declared: bool = False) -> None:
     """Nodes that an autoscaler adds later cannot be asked now: a path for a cluster that can grow
-    must lie on a filesystem other machines mount too (`kind`: its type, looked up if None)."""
-    if not can_grow or storage.is_uri:
+    must lie on a filesystem other machines mount too (`kind`: its type, looked up if None), or be
+    `declared` shared (storage_options.shared)."""
+    if not can_grow or storage.is_uri or declared:
         return
     kind = kind or filesystem_type(storage.path)
     if not is_shared_filesystem(kind):
@@ -285,7 +286,8 @@ def check_for_added_nodes(storage: Storage, can_grow: bool, kind: str | None = N
             "storage",
             storage.uri,
             f"is on this node's own disk ({kind}), and the cluster's autoscaler adds nodes that cannot see it; "
-            + WHAT_TO_USE,
+            + WHAT_TO_USE
+            + " (if every node mounts this path, say so: storage_options.shared: true)",
         )
 
 
@@ -300,17 +302,19 @@ def _sees(marker: Storage, expected: str) -> str | None:
     return None if text == expected else "it holds another test file there"
 
 
-def check_every_node_sees(storage: Storage, *, can_grow: bool = False, timeout: float = 120.0) -> None:
+def check_every_node_sees(
+    storage: Storage, *, can_grow: bool = False, declared: bool = False, timeout: float = 120.0
+) -> None:
     """Before any trial starts, on a Ray cluster (or one whose autoscaler can add nodes): every
     node must see the sweep's storage. The driver writes a test file there and a task pinned to
     each other alive node reads it; a path that nodes added later would not see (not on a shared
-    filesystem) is refused too. `can_grow`: the cluster's autoscaler may add worker nodes."""
+    filesystem, not `declared` shared) is refused too. `can_grow`: the autoscaler may add nodes."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
     others = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
-    check_for_added_nodes(storage, can_grow)
+    check_for_added_nodes(storage, can_grow, declared=declared)
     if not others:
         return
     # The test file goes where the sweep's directories will be; what this check creates, it removes.

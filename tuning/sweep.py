@@ -479,7 +479,7 @@ def run_sweep(
     # Every node must see the storage: checkpoints written on one node are restored on another.
     types = preflight.autoscaler_node_types(cluster_config) if address is not None else None
     can_grow = any(t.max_workers is None or t.max_workers > 0 for t in types or [])
-    check_every_node_sees(storage, can_grow=can_grow)
+    check_every_node_sees(storage, can_grow=can_grow, declared=sweep.storage_options.shared)
 
     client = client_for(tracking_uri)
     experiment_id = ensure_experiment(client, sweep.mlflow.experiment or sweep.name, local_artifact_root(tracking_uri))
