@@ -71,6 +71,9 @@ SWEEP_CASES = [
     ("GPUs on a machine without any", {"resources": {"cpu": 1, "gpu": 1}}),
     ("missing data", {"search": {"epochs": 1, "data": {"root": "no-such-dir", "download": False}}}),
     ("unwritable output path", {"storage": "a-file/ray"}),
+    ("storage on an unknown kind of store", {"storage": "ftp://host/ray"}),
+    ("credentials in the storage URI", {"storage": "s3://KEY:SECRET@bucket/ray"}),
+    ("credentials in the sweep's storage options", {"storage_options": {"secret_key": "SECRET"}}),
     ("evaluation setting that does not exist", {"evaluate": {"settings": {"layer": 8}}}),
 ]
 

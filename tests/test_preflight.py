@@ -181,6 +181,7 @@ def test_sweep_on_a_cluster_that_starts_without_workers(tmp_path, fake_autoscali
         resources={"cpu": 1, "gpu": 0.5},
         concurrency=2,
         max_failures=0,
+        storage_options={"shared": True},  # the simulated nodes are processes on this machine, on its disk
     )
     path = tmp_path / "autoscale.yaml"
     path.write_text(yaml.safe_dump(sweep))

@@ -11,7 +11,8 @@
     num_samples: 16
     concurrency: 2
     resources: {cpu: 1, gpu: 0.5}     # per trial
-    storage: runs/ray                 # Ray results; MLflow: mlflow.tracking_uri
+    storage: runs/ray                 # Ray results: a path, a shared filesystem or s3://, gs://
+    storage_options: {endpoint: http://minio:9000, region: us-east-1}   # S3-compatible stores
 
 Every value a trial can receive is checked here with nas.SearchConfig, so a bad op name, a target
 that does not fit the cell or a negative weight stops the sweep before any trial starts, with the
@@ -32,6 +33,8 @@ from typing import Any, Literal
 
 from nas.config import ConfigError, apply_overrides, flatten_mapping, from_dict, load_yaml, set_dotted, to_dict
 from nas.search import SearchConfig
+
+from .storage import check_storage_text
 
 # Metrics a trial reports at its end (nas.discretize.discretization_metrics), plus the derived
 # network's size; per-epoch metrics (valid_acc, train_acc, ...) are reported every epoch.
@@ -175,6 +178,28 @@ class EvaluateConfig:
 
 
 @dataclass
+class StorageOptions:
+    """Where an S3-compatible store is (else the standard AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
+    AWS_REGION / AWS_DEFAULT_REGION variables). Credentials are never taken from the sweep file."""
+
+    endpoint: str | None = None  # e.g. https://minio.internal:9000
+    region: str | None = None
+    # A path that every node, also those an autoscaler adds later, mounts at the same place, on a
+    # filesystem whose type does not show it (nodes alive at the start are checked all the same).
+    shared: bool = False
+
+    def validate(self, path: str) -> None:
+        if self.endpoint is not None and not re.match(r"^https?://[^/@\s]+/?$", self.endpoint):
+            raise ConfigError(
+                f"{path}.endpoint", self.endpoint, "expected http://HOST:PORT or https://HOST:PORT (no credentials)"
+            )
+
+
+CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token", "aws_access_key_id", "aws_secret_access_key",
+                   "key", "secret", "token", "password", "credentials")  # fmt: skip
+
+
+@dataclass
 class MlflowConfig:
     # `auto`: $MLFLOW_TRACKING_URI if set (the cluster's head sets it), else a sqlite store in
     # runs/mlflow.db under the working directory. Relative sqlite paths are made absolute.
@@ -197,7 +222,10 @@ class SweepConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # How often a trial whose process dies is retried (from its last epoch checkpoint).
     max_failures: int = field(default=2, metadata={"min": 0})
+    # Ray results and every file that must outlive a node: a local path (one machine), a path on a
+    # filesystem every node mounts at the same place (NFS, EFS), or an s3:// or gs:// URI.
     storage: str = "runs/ray"
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     # How the report names a trial's method, e.g. "{alpha_sharing}, H={loss.op_entropy.weight}";
     # fields in braces are dotted SearchConfig fields. Default: the preset's name.
@@ -213,6 +241,15 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SweepConfig:
+        options = data.get("storage_options") if isinstance(data, Mapping) else None
+        for key in options if isinstance(options, Mapping) else ():
+            if str(key).lower() in CREDENTIAL_KEYS:
+                raise ConfigError(
+                    f"storage_options.{key}",
+                    "***",
+                    "credentials never go in the sweep file: each node finds its own (an instance profile, the "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables, or ~/.aws/credentials)",
+                )
         return from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,6 +263,7 @@ class SweepConfig:
                 self.name,
                 "expected a plain name (no slashes): it names the MLflow experiment and the results directory",
             )
+        check_storage_text(self.storage)
         objectives = self.objectives()
         if not objectives:
             raise ConfigError("objective", [], "needs at least one metric")

@@ -2,24 +2,30 @@
 (or of the best k) are trained from scratch, one Ray task per trial and dataset, each tracked as an
 MLflow child run of its trial's run (lineage: sweep -> trial -> evaluation).
 
-An evaluation writes a checkpoint every epoch under the sweep's directory, so a resumed sweep
-continues it; one already finished is not run again.
+An evaluation writes a checkpoint every epoch to the sweep's storage (directly on a filesystem;
+uploaded after every epoch to an object store), so an evaluation retried on another node, or
+resumed with the sweep, continues from its last epoch; one already finished is not run again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas.evaluate import EvalConfig, run_evaluation
+from nas.evaluate import CHECKPOINT, RESULT, EvalConfig, run_evaluation
 from nas.genotype import Genotype
 from nas.search import EpochEvent
 
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import SweepConfig
+from .storage import Storage
 from .tracking import PENDING_FILE, TrackedRun, params_of
 
 log = logging.getLogger(__name__)
@@ -33,7 +39,7 @@ class EvaluationJob:
     dataset: str
     genotype: dict[str, Any]
     settings: dict[str, Any]
-    out_dir: str
+    store: Storage  # the evaluation's directory on the sweep's storage
 
 
 @dataclass
@@ -57,10 +63,42 @@ def select_trials(sweep: SweepConfig, trials: list) -> list:
     return done[: stage.top] if stage.top else done
 
 
+@contextlib.contextmanager
+def _working_dir(store: Storage) -> Iterator[Path]:
+    """The evaluation's directory on this node: the storage itself on a filesystem; for an object
+    store, a local copy of its checkpoint and result, removed afterwards."""
+    if store.local_path is not None:
+        store.local_path.mkdir(parents=True, exist_ok=True)
+        yield store.local_path
+        return
+    local = Path(tempfile.mkdtemp(prefix="evaluation-"))
+    try:
+        for name in (CHECKPOINT, RESULT):
+            (store / name).download(local / name)
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _save_pending(run: TrackedRun, store: Storage, out_dir: Path) -> int:
+    """What MLflow did not take, to the storage, where the driver replays it."""
+    count = run.save_pending(out_dir / PENDING_FILE)
+    if count and store.local_path is None:
+        (store / PENDING_FILE).upload(out_dir / PENDING_FILE)
+    return count
+
+
 def evaluate_one(
     job: EvaluationJob, tracking_uri: str, experiment_id: str, sweep_name: str, gpus: float = 0.0
 ) -> EvaluationSummary:
     """Runs inside a Ray task: one evaluation, logged to its MLflow run."""
+    with _working_dir(job.store) as out_dir:
+        return _evaluate(job, tracking_uri, experiment_id, sweep_name, gpus, out_dir)
+
+
+def _evaluate(
+    job: EvaluationJob, tracking_uri: str, experiment_id: str, sweep_name: str, gpus: float, out_dir: Path
+) -> EvaluationSummary:
     import json
 
     config = EvalConfig.resolve(job.dataset, job.settings)
@@ -81,22 +119,31 @@ def evaluate_one(
         metrics = dict(run.client.get_run(run.run_id).data.metrics)
         return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FINISHED", metrics)
 
+    last: dict[str, float] = {}
+
     def on_epoch(event: EpochEvent) -> None:
         run.log_epoch(event.metrics, event.epoch)
+        last.clear()
+        last.update(event.metrics)
+        if job.store.local_path is None and event.checkpoint_path is not None:
+            (job.store / CHECKPOINT).upload(event.checkpoint_path)
 
     try:
-        result = run_evaluation(Genotype.from_dict(job.genotype), config, job.out_dir, callbacks=[on_epoch])
+        result = run_evaluation(Genotype.from_dict(job.genotype), config, out_dir, callbacks=[on_epoch])
     except Exception as err:
         run.set_tags({"failure": f"{type(err).__name__}: {err}"})
         if not run.finish("FAILED"):
-            run.save_pending(Path(job.out_dir) / PENDING_FILE)
+            _save_pending(run, job.store, out_dir)
         return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FAILED", {}, f"{type(err).__name__}: {err}")
-    run.log_final(result.metrics, config.epochs)
+    # The last epoch already logged its test errors at this step, with these values.
+    run.log_final({k: v for k, v in result.metrics.items() if last.get(k) != v}, config.epochs)
     run.set_tags({"mobile_setting_ok": str(result.info["mobile_setting_ok"]).lower()})
-    run.log_artifact(Path(job.out_dir) / "result.json")
+    if job.store.local_path is None:
+        (job.store / RESULT).upload(out_dir / RESULT)
+    run.log_text((out_dir / RESULT).read_text(), RESULT)  # the node's copy may be gone when a replay sends it
     run.log_text(json.dumps(job.genotype, indent=2), "genotype.json")
     if not run.finish("FINISHED"):
-        count = run.save_pending(Path(job.out_dir) / PENDING_FILE)
+        count = _save_pending(run, job.store, out_dir)
         return EvaluationSummary(
             job.eval_id, job.trial_id, job.dataset, "FINISHED", result.metrics, f"{count} MLflow calls pending"
         )
@@ -104,7 +151,7 @@ def evaluate_one(
 
 
 def run_evaluation_stage(
-    sweep: SweepConfig, trials: list, experiment_dir: Path, tracking_uri: str, experiment_id: str
+    sweep: SweepConfig, trials: list, experiment_dir: Storage, tracking_uri: str, experiment_id: str
 ) -> list[EvaluationSummary]:
     import json
 
@@ -120,7 +167,7 @@ def run_evaluation_stage(
             dataset=dataset,
             genotype=json.loads(t.metrics["genotype"]),
             settings=stage.settings,
-            out_dir=str(experiment_dir / "evaluations" / f"{t.trial_id}-{dataset}"),
+            store=experiment_dir / "evaluations" / f"{t.trial_id}-{dataset}",
         )
         for t in chosen
         for dataset in stage.datasets

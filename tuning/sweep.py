@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .config import SweepConfig
 from .evaluation import run_evaluation_stage
 from .presentation import present_experiment, present_summary
 from .space import SpaceSampler, make_sampler
+from .storage import Storage, check_every_node_sees, open_storage
 from .tracking import (
     PENDING_FILE,
     client_for,
@@ -52,15 +54,36 @@ from .trainable import TrialSettings, search_trial
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 OPTUNA_JOURNAL = "optuna.journal"
+JOURNAL_PATH_FILE = "optuna_journal_path"  # object stores: where the driver keeps the study's journal
 
 
 class SweepSearch(OptunaSearch):
     """OptunaSearch that gives Optuna only final results. Without an Optuna pruner the per-epoch
     values would be unused (early stopping is the Tune scheduler's job), and final-only objectives
-    such as discretized accuracy after BN recalibration have no per-epoch value."""
+    such as discretized accuracy after BN recalibration have no per-epoch value.
+
+    With `mirror`, every change of the study's journal is copied there (the sweep's storage) before
+    Ray can save a state that refers to it, so that a new driver can resume the sweep."""
+
+    def __init__(self, *args, journal: str | None = None, mirror: Storage | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.journal, self.mirror = journal, mirror
+
+    def _mirror(self) -> None:
+        if getattr(self, "mirror", None) is not None and self.journal and os.path.exists(self.journal):
+            self.mirror.upload(self.journal)
+
+    def suggest(self, trial_id: str):
+        suggestion = super().suggest(trial_id)
+        self._mirror()
+        return suggestion
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        super().on_trial_complete(trial_id, result, error)
+        self._mirror()
 
 
 class RunFinalizer(tune.Callback):
@@ -156,7 +179,7 @@ class TrialSummary:
 @dataclass
 class SweepOutcome:
     name: str
-    experiment_dir: Path
+    experiment_dir: Storage  # the sweep's directory on its storage (str() gives its path or URI)
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -167,12 +190,18 @@ class SweepOutcome:
     pending: list = field(default_factory=list)
 
 
-def _storage_dir(sweep: SweepConfig, base: Path) -> str:
-    return sweep.storage if "://" in sweep.storage else str((base / sweep.storage).resolve())
+def _open_storage(sweep: SweepConfig, base: Path) -> Storage:
+    options = sweep.storage_options
+    return open_storage(sweep.storage, base, options.endpoint, options.region)
 
 
-def _check_output(experiment_dir: Path, resume: bool) -> None:
-    has_state = tune.Tuner.can_restore(str(experiment_dir)) if experiment_dir.exists() else False
+def _check_output(experiment_dir: Storage, resume: bool) -> None:
+    try:
+        exists = experiment_dir.exists()
+        path, filesystem = experiment_dir.ray_storage()
+        has_state = tune.Tuner.can_restore(path, storage_filesystem=filesystem) if exists else False
+    except OSError as err:  # an object store that cannot be reached, or refuses these credentials
+        raise ConfigError("storage", experiment_dir.uri, f"cannot be reached from the driver ({err})") from None
     if resume and not has_state:
         raise ConfigError("--resume", str(experiment_dir), "holds no sweep to resume; run without --resume to start it")
     if not resume and has_state:
@@ -182,8 +211,8 @@ def _check_output(experiment_dir: Path, resume: bool) -> None:
             f"a sweep of this name already has results in {experiment_dir}: add --resume to finish it, "
             "or give the new sweep another name (nothing was changed)",
         )
-    leftovers = {PARENT_RUN_FILE, OPTUNA_JOURNAL}
-    if not resume and experiment_dir.exists() and any(p.name not in leftovers for p in experiment_dir.iterdir()):
+    leftovers = {PARENT_RUN_FILE, OPTUNA_JOURNAL, JOURNAL_PATH_FILE}
+    if not resume and exists and any(name not in leftovers for name in experiment_dir.children()):
         raise ConfigError("storage", str(experiment_dir), "exists and is not a sweep; choose another name or storage")
 
 
@@ -286,10 +315,35 @@ def _keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def _journal_path(sweep: SweepConfig, base: Path, experiment_dir: Path) -> Path:
-    directory = experiment_dir if "://" not in sweep.storage else base / "runs" / "optuna" / sweep.name
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory / OPTUNA_JOURNAL
+def _journal_path(sweep: SweepConfig, base: Path, experiment_dir: Storage, resume: bool = False) -> Path:
+    """Optuna's journal: in the sweep's directory on a filesystem; on the driver's disk beside an
+    object store (a journal needs file locks), mirrored to the store after every change. A resumed
+    sweep finds it where it was (its path is kept in the store), copied back if that disk is new."""
+    if experiment_dir.local_path is not None:
+        experiment_dir.local_path.mkdir(parents=True, exist_ok=True)
+        return experiment_dir.local_path / OPTUNA_JOURNAL
+    path = base / "runs" / "optuna" / sweep.name / OPTUNA_JOURNAL
+    record = experiment_dir / JOURNAL_PATH_FILE
+    if resume and record.exists():
+        path = Path(record.read_text().strip())
+        if not path.exists():
+            try:
+                copied = (experiment_dir / OPTUNA_JOURNAL).download(path)
+            except OSError as err:
+                raise ConfigError(
+                    "--resume",
+                    str(path),
+                    f"this sweep's Optuna study is restored to this path on the driver, where it was started, and "
+                    f"it cannot be written here ({err}); resume on a driver where it can",
+                ) from None
+            if not copied:
+                raise ConfigError("--resume", str(experiment_dir / OPTUNA_JOURNAL), "is missing: the study is lost")
+            log.info("Optuna study restored from %s to %s", experiment_dir / OPTUNA_JOURNAL, path)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        record.write_text(f"{path}\n")
+    return path
 
 
 def _check_resources(sweep: SweepConfig, cluster_config: str | None, local: bool) -> None:
@@ -298,7 +352,7 @@ def _check_resources(sweep: SweepConfig, cluster_config: str | None, local: bool
         log.info("%s", line)
 
 
-def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: Path, resume: bool) -> str:
+def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: Storage, resume: bool) -> str:
     marker = experiment_dir / PARENT_RUN_FILE
     if marker.exists():
         run_id = marker.read_text().strip()
@@ -316,7 +370,6 @@ def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: 
     log_params(client, run_id, params_of({"search": settings["search"]}))
     text = redact(yaml.safe_dump(settings, sort_keys=False))
     retrying(lambda: client.log_text(run_id, text, "sweep.yaml"), "log sweep")
-    experiment_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_id + "\n")
     return run_id
 
@@ -331,23 +384,31 @@ def _end_open_runs(client, experiment_id: str, sweep_name: str, status: str, rea
     return len(runs)
 
 
-def replay_all_pending(experiment_dir: Path) -> list[tuple[Path, int]]:
+def replay_all_pending(experiment_dir: Storage) -> list[tuple[str, int]]:
     """Sends the MLflow calls that trials and evaluations could not send; returns what is left."""
     left = []
-    for path in sorted(experiment_dir.glob(f"**/{PENDING_FILE}")):
+    for stored in experiment_dir.glob(f"*/{PENDING_FILE}"):
         try:
-            count = replay_pending(path)
+            if stored.local_path is not None:
+                count = replay_pending(stored.local_path)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    stored.download(Path(tmp) / PENDING_FILE)
+                    count = replay_pending(Path(tmp) / PENDING_FILE)
+                if not count:
+                    stored.delete()
         except Exception as err:
-            log.warning("MLflow: replaying %s failed: %s", path, err)
+            log.warning("MLflow: replaying %s failed: %s", stored, err)
             count = -1
         if count:
-            left.append((path, count))
+            left.append((str(stored), count))
     return left
 
 
-def known_trial_ids(experiment_dir: Path) -> set[str]:
+def known_trial_ids(experiment_dir: Storage) -> set[str]:
     """The trials in Ray's last saved state of the sweep (the ones a restore knows about)."""
-    states = sorted(experiment_dir.glob("experiment_state-*.json"), key=os.path.getmtime)
+    states = [experiment_dir / name for name in experiment_dir.children() if name.startswith("experiment_state-")]
+    states = sorted((s for s in states if s.name.endswith(".json")), key=lambda s: s.info().mtime)
     if not states:
         return set()
     ids = set()
@@ -370,7 +431,7 @@ def end_lost_trials(client, experiment_id: str, sweep_name: str, known: set[str]
     return len(lost)
 
 
-def fail_unfinished_optuna_trials(journal: Path, study_name: str) -> int:
+def fail_unfinished_optuna_trials(journal: Path, study_name: str, mirror: Storage | None = None) -> int:
     """Once every trial of a sweep has ended, Optuna trials still RUNNING were lost with a driver."""
     if not journal.exists():
         return 0
@@ -379,6 +440,8 @@ def fail_unfinished_optuna_trials(journal: Path, study_name: str) -> int:
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for trial in stale:
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    if stale and mirror is not None:
+        mirror.upload(journal)
     return len(stale)
 
 
@@ -395,13 +458,14 @@ def run_sweep(
     # event loop in a callback while a server restarts; calls here retry on their own terms.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    storage = _storage_dir(sweep, base)
-    experiment_dir = Path(storage) / sweep.name
+    storage = _open_storage(sweep, base)
+    experiment_dir = storage / sweep.name
     search = _resolved_search(sweep, base)
     # Checks that write nothing come first: a refused sweep leaves no trace.
-    if "://" not in storage:
-        _check_output(experiment_dir, resume)
-        _check_writable(Path(storage), "storage")
+    storage.check_reachable()
+    _check_output(experiment_dir, resume)
+    if storage.local_path is not None:
+        _check_writable(storage.local_path, "storage")
     preflight.check_devices(sweep)
     if address is None:
         _check_gpus_here(sweep)
@@ -413,6 +477,10 @@ def run_sweep(
 
     _init_ray(address)
     _check_resources(sweep, cluster_config, local=address is None)
+    # Every node must see the storage: checkpoints written on one node are restored on another.
+    types = preflight.autoscaler_node_types(cluster_config) if address is not None else None
+    can_grow = any(t.max_workers is None or t.max_workers > 0 for t in types or [])
+    check_every_node_sees(storage, can_grow=can_grow, declared=sweep.storage_options.shared)
 
     client = client_for(tracking_uri)
     experiment_id = ensure_experiment(client, sweep.mlflow.experiment or sweep.name, local_artifact_root(tracking_uri))
@@ -438,6 +506,7 @@ def run_sweep(
     interrupted = False
     if resume:
         replay_all_pending(experiment_dir)
+        _journal_path(sweep, base, experiment_dir, resume=True)  # back on this driver's disk if it is new
         lost = end_lost_trials(client, experiment_id, sweep.name, known_trial_ids(experiment_dir))
         if lost:
             log.warning(
@@ -445,7 +514,8 @@ def run_sweep(
             )
     try:
         if resume:
-            tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+            path, filesystem = experiment_dir.ray_storage()
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
         else:
             multi = len(objectives) > 1
             # The study lives in a journal file beside Ray's state: always current (Ray snapshots the
@@ -453,6 +523,8 @@ def run_sweep(
             # optuna.load_study(study_name=NAME, storage=JournalStorage(JournalFileBackend(PATH))).
             journal = _journal_path(sweep, base, experiment_dir)
             searcher = SweepSearch(
+                journal=str(journal),
+                mirror=None if experiment_dir.local_path is not None else experiment_dir / OPTUNA_JOURNAL,
                 space=SpaceSampler(sweep.space, sweep.search),
                 study_name=sweep.name,
                 storage=JournalStorage(JournalFileBackend(str(journal))),
@@ -472,6 +544,7 @@ def run_sweep(
                 )
             else:
                 scheduler = FIFOScheduler()
+            storage_path, storage_filesystem = storage.ray_storage()
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -481,7 +554,8 @@ def run_sweep(
                 ),
                 run_config=tune.RunConfig(
                     name=sweep.name,
-                    storage_path=storage,
+                    storage_path=storage_path,
+                    storage_filesystem=storage_filesystem,
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[
@@ -528,7 +602,9 @@ def run_sweep(
         if not outcome.pending:
             # Every trial has ended: runs still RUNNING or Optuna trials still RUNNING were lost.
             _end_open_runs(client, experiment_id, sweep.name, "KILLED", "its trial ended without closing it")
-            fail_unfinished_optuna_trials(_journal_path(sweep, base, experiment_dir), sweep.name)
+            journal = _journal_path(sweep, base, experiment_dir, resume=True)
+            mirror = None if experiment_dir.local_path is not None else experiment_dir / OPTUNA_JOURNAL
+            fail_unfinished_optuna_trials(journal, sweep.name, mirror)
         _summarise(client, parent_run_id, sweep, outcome)
         try:
             present_summary(client, tracking_uri, sweep, parent_run_id)
