@@ -1,4 +1,4 @@
-"""The architecture step of the bi-level optimisation (SCIENCE.md 2.3-2.5).
+"""The architecture step of the bi-level optimisation (docs/science.md §2.3-2.5).
 
 First order: the gradient of L_val(w, alpha) + regularisers at the current weights.
 

@@ -50,7 +50,7 @@ class DataConfig:
     # training images (at most 10,000 of them), else the test set (the full 25k/25k split).
     eval_split: Literal["auto", "valid", "holdout", "test"] = "auto"
     eval_subset: int | None = field(default=None, metadata={"min": 1})
-    # 16 averages 2x2 pixels: a cheaper search for CPU-scale studies (SCIENCE.md section 9).
+    # 16 averages 2x2 pixels: a cheaper search for CPU-scale studies (docs/science.md §8).
     resolution: Literal[32, 16, 8] = 32
     split_seed: int = 0
 
@@ -210,7 +210,7 @@ def downsample(images: ImageSet, resolution: int) -> ImageSet:
 
 
 def make_search_data(config: DataConfig) -> SearchData:
-    """The search split (SCIENCE.md 2.2) of `config`: a seeded permutation of the training set,
+    """The search split (docs/science.md §2.2, D10) of `config`: a seeded permutation of the training set,
     its first `subset` images split `train_portion` / rest into train and valid halves."""
     if config.dataset == "synthetic":
         # Generate only the training images the split can reach (the permutation covers all 50k).

@@ -1,5 +1,5 @@
 """The discretized network built from the trained supernet, and its accuracy without fine-tuning
-(SCIENCE.md DECISIONS 4 and section 5.1).
+(docs/science.md §5.1 and D4).
 
 Each kept edge computes only its chosen op, with the supernet's trained op module; dropped edges
 contribute exactly zero (they are not computed); stem, preprocessing and classifier are the

@@ -1,4 +1,4 @@
-"""EvalConfig and run_evaluation: train a derived architecture from scratch (SCIENCE.md 4).
+"""EvalConfig and run_evaluation: train a derived architecture from scratch (docs/science.md §4).
 
     config = EvalConfig.resolve("cifar10", overrides=["epochs=20", "layers=8", "channels=16"])
     result = run_evaluation(PUBLISHED["darts_v2"], config, out_dir="runs/eval/darts_v2")
@@ -165,7 +165,7 @@ def network_for(genotype: Genotype, config: EvalConfig) -> EvalNetwork:
 
 
 def epoch_lr(config: EvalConfig, epoch: int) -> float:
-    """The learning rate of 1-based `epoch` (schedules step at each epoch's start, as in [Q])."""
+    """The learning rate of 1-based `epoch` (schedules step at each epoch's start, as in quark0/darts)."""
     if config.lr_schedule == "cosine":
         return cosine_lr(epoch, config.epochs, config.lr, config.lr_min)
     return config.lr * config.lr_gamma**epoch

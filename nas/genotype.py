@@ -1,6 +1,6 @@
 """Genotypes: one discrete cell per level, derived under a target edge configuration.
 
-Derivation (SCIENCE.md 3, 5.7, DECISIONS 2): in every edge group of the target, the `keep` edges
+Derivation (docs/science.md §3, §5.7, D2, D12): in every edge group of the target, the `keep` edges
 with the largest strength are kept, and each kept edge takes its strongest op other than `none`.
 An edge's strength is what the supernet multiplied its output by:
 
@@ -92,7 +92,7 @@ class CellGenotype:
 
 @dataclass
 class Genotype:
-    """One cell description per level of the search (SCIENCE.md DECISIONS 1): `normal`/`reduce`
+    """One cell description per level of the search (docs/science.md D1): `normal`/`reduce`
     for shared alpha, five stage levels for multi-level search, one per cell for `cell`."""
 
     levels: dict[str, CellGenotype]

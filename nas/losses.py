@@ -1,4 +1,4 @@
-"""Architecture regularisers and their weight schedules (SCIENCE.md 5.4-5.5, 6.2).
+"""Architecture regularisers and their weight schedules (docs/science.md §5.4-5.5, §5.9, §6.2).
 
 The architecture loss of a search is
 

@@ -1,4 +1,4 @@
-"""Evaluation networks built from a genotype (SCIENCE.md 4.1-4.2, 6.2).
+"""Evaluation networks built from a genotype (docs/science.md §4.1-4.2, §6.2).
 
 The cells use the same op registry as the search, with affine BN and no BN after pooling. Each
 cell of the network takes the cell description of the level it belongs to: `normal` / `reduce` for

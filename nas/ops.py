@@ -1,4 +1,4 @@
-"""Candidate operations and their registry (SCIENCE.md section 1.1).
+"""Candidate operations and their registry (docs/science.md §1.1).
 
 Every op is built as `OPS[name](C, stride, affine)` and maps C channels to C channels; with
 stride 2 it halves the spatial size. The search space, the supernet, the discretized network and
@@ -43,7 +43,7 @@ class Zero(nn.Module):
 
 
 class Identity(nn.Module):
-    """`skip_connect` at stride 1. Drop path exempts it (SCIENCE.md 4.1), hence its own class."""
+    """`skip_connect` at stride 1. Drop path exempts it (docs/science.md §4.1), hence its own class."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x

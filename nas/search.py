@@ -3,9 +3,9 @@
     config = SearchConfig.resolve(preset="da2s", overrides=["epochs=10", "target=3 of 14"])
     result = run_search(config, out_dir="runs/da2s")
 
-Per epoch (SCIENCE.md 2.3): for each training batch, an architecture step on a validation batch,
+Per epoch (docs/science.md §2.3): for each training batch, an architecture step on a validation batch,
 then a weight step (SGD, gradient norm clipped) on the training batch; then the supernet accuracy
-on the evaluation set and the diagnostics of DECISIONS 7. Callbacks receive each epoch's record;
+on the evaluation set and the diagnostics of docs/science.md D7. Callbacks receive each epoch's record;
 with an output directory every epoch also writes a checkpoint, and running again on the directory
 resumes from it. At the end: the genotype for the target and the discretized accuracies.
 """
@@ -91,7 +91,7 @@ class ArchOptimConfig:
     betas: tuple[float, ...] = (0.5, 0.999)
     weight_decay: float = field(default=1e-3, metadata={"min": 0.0})
     # Multiplies the alpha and beta learning rates; `auto` = reference steps / this run's steps
-    # (SCIENCE.md DECISIONS 8): a short search needs larger steps for alpha and beta to move.
+    # (docs/science.md D8): a short search needs larger steps for alpha and beta to move.
     lr_scale: float | Literal["auto"] = 1.0
 
     def validate(self, path: str) -> None:
@@ -395,7 +395,7 @@ class Search:
         }
 
     def discretize(self, genotype: Genotype, data: SearchData) -> dict[str, float]:
-        """Supernet and discretized accuracies of `genotype` on the evaluation set (DECISIONS 4)."""
+        """Supernet and discretized accuracies of `genotype` on the evaluation set (docs/science.md D4)."""
         config = self.config
         return discretization_metrics(
             self.supernet, self.arch, genotype, data.eval, data.train,
@@ -417,7 +417,7 @@ class Search:
         return loss.detach(), logits.detach()
 
     def step(self, train_batch, valid_batch, loss_weights: dict[str, float], lr: float):
-        """One search step (SCIENCE.md 2.3): the architecture step, then the weight step."""
+        """One search step (docs/science.md §2.3): the architecture step, then the weight step."""
         info = self.architect.step(valid_batch, train_batch, loss_weights, lr, self.weight_optimizer)
         loss, logits = self.weight_step(train_batch)
         return loss, logits, info
@@ -468,7 +468,7 @@ def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
 
 
 def _diagnostics(search: Search, genotype: Genotype) -> dict[str, Any]:
-    """Softmax(alpha), beta, edge weights, entropies and skip counts per level (DECISIONS 7)."""
+    """Softmax(alpha), beta, edge weights, entropies and skip counts per level (docs/science.md D7)."""
     arch, space = search.arch, search.space
     with torch.no_grad():
         op_weights = arch.op_weights()

@@ -2,7 +2,7 @@
 
 A cell has 2 input nodes and `nodes` intermediate nodes; intermediate node j (0-based) takes an
 edge from every earlier node, so it has j + 2 inputs. Edges are numbered node by node in input
-order (0-1, 2-4, 5-8, 9-13 for 4 nodes). SCIENCE.md sections 1.2, 6.2 and DECISIONS 1-2.
+order (0-1, 2-4, 5-8, 9-13 for 4 nodes). docs/science.md §1.2, §1.5, §3.2, D1 and D2.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ class CellTarget:
 @dataclass(frozen=True)
 class Target:
     """The target edge configuration of every level. One object drives the edge-count loss, the
-    beta layout and the derivation, so they cannot disagree (ARCHITECTURE.md)."""
+    beta layout and the derivation, so they cannot disagree (docs/science.md §3.2)."""
 
     space: SearchSpace
     cells: tuple[CellTarget, ...]  # one per level, in level order

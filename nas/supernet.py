@@ -1,5 +1,5 @@
 """The continuous relaxation: MixedOp, the search cell, the supernet, and the architecture
-parameters (SCIENCE.md 1.3-1.4, 5.2-5.3, 5.8).
+parameters (docs/science.md §1.3-1.4, §5.2-5.3, §5.8).
 
 As in the DARTS code, the architecture weights are passed into `forward` rather than hidden in the
 network, so the relaxation is visible where it happens:
@@ -180,7 +180,7 @@ class Architecture(nn.Module):
 
     Beta of a group of M edges that keeps K starts at K/M (plus noise); the edge weights are
     M * softmax(min(beta, clip)), which are all 1 at the start and about M/K for the kept edges at
-    convergence (SCIENCE.md 5.3, 5.8). Groups that keep all their edges have no beta.
+    convergence (docs/science.md §5.3, §5.8). Groups that keep all their edges have no beta.
     """
 
     def __init__(
@@ -256,7 +256,7 @@ class Architecture(nn.Module):
         weights = [self.level_edge_weights(level) for level in range(len(self.alphas))]
         if self.beta_swap_bug:
             # The released DA2S code feeds beta_reduce to normal cells and beta_normal to reduction
-            # cells (SCIENCE.md 5.3); reproduced only on request.
+            # cells (docs/science.md §5.3, D5); reproduced only on request.
             weights = weights[::-1]
         return weights
 

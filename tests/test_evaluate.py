@@ -1,4 +1,4 @@
-"""Evaluation networks and training from scratch (SCIENCE.md section 4)."""
+"""Evaluation networks and training from scratch (docs/science.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Entropy and edge-count terms against hand-computed values; schedules against SCIENCE.md 5.5."""
+"""Entropy and edge-count terms against hand-computed values; schedules against docs/science.md §5.5."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_per_cell_target_has_one_beta_of_all_edges_starting_at_k_over_m():
 
 
 def da2s_reference(e: int) -> tuple[float, float, float]:
-    """SCIENCE.md 5.5 at EP = 50: op entropy, edge entropy and edge count weights."""
+    """docs/science.md §5.5 at EP = 50: op entropy, edge entropy and edge count weights."""
     linear = (e - 1) / 49
     log_ = 0.0 if e < 8 else math.log(e - 7, 42)
     return 0.1 * linear * log_, 0.4 * linear, 0.1 * linear * 4 * 0.2

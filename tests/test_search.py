@@ -15,7 +15,7 @@ class Stop(Exception):
     pass
 
 
-def test_short_search_writes_everything_the_issue_names(tmp_path, tiny_data):
+def test_short_search_writes_result_history_metrics_and_artifacts(tmp_path, tiny_data):
     config = SearchConfig.resolve("da2s", tiny_search_config(target="4 of 14", epochs=3))
     events = []
     result = run_search(config, tmp_path, data=tiny_data, callbacks=[events.append])

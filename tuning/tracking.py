@@ -1,4 +1,4 @@
-"""MLflow layout (ARCHITECTURE.md): an experiment per sweep, a parent run for the sweep, a child
+"""MLflow layout: an experiment per sweep, a parent run for the sweep, a child
 run per trial, a child of the trial's run per evaluation.
 
 Parent links are set explicitly with the `mlflow.parentRunId` tag (Ray's and Optuna's own nesting
