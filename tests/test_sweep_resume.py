@@ -86,8 +86,11 @@ def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     ray_processes = descendants(driver.pid)
     driver.kill()
     driver.communicate()
-    time.sleep(3)
-    # The trial workers die with the driver; Ray's agents outlive it but do no trial work.
+    # The trial workers die with the driver (within seconds; polled, as a loaded machine is slower);
+    # Ray's agents outlive it but do no trial work.
+    deadline = time.time() + 30
+    while processes_named("ray::ImplicitFunc") & ray_processes and time.time() < deadline:
+        time.sleep(0.5)
     assert not processes_named("ray::ImplicitFunc") & ray_processes
     for pid in processes_named("ray::DashboardAgent", "ray::RuntimeEnvAgent") & ray_processes:
         os.kill(pid, signal.SIGKILL)
