@@ -41,7 +41,9 @@ class Architect:
         weight_momentum: float = 0.9,
         weight_decay: float = 3e-4,
         hvp_radius: float = 1e-2,
+        level_weighting: str = "sum",
     ):
+        self.level_weighting = level_weighting
         self.supernet = supernet
         # R = hvp_radius / ||v||: 0.01 in the reference. ReLU and max-pool kinks make a smaller
         # radius more accurate only in float64; in float32 the reference's value is the safe one.
@@ -77,7 +79,7 @@ class Architect:
     def first_order_grads(self, valid_batch, loss_weights):
         images, labels = valid_batch
         ce = F.cross_entropy(self.supernet(images, self.arch()), labels)
-        reg, values = regularisers(self.arch, loss_weights)
+        reg, values = regularisers(self.arch, loss_weights, self.level_weighting)
         # Gradients for alpha and beta only: the weights' gradients of this loss are never used.
         grads = torch.autograd.grad(ce + reg, self.parameters(), allow_unused=True, materialize_grads=True)
         return grads, _detached(ce, values)
@@ -117,7 +119,7 @@ class Architect:
 
         # grad_alpha and v = grad_w' of L_val(w', alpha).
         ce = self._functional_loss(dict(zip(names, virtual)), buffers, valid_batch)
-        reg, values = regularisers(self.arch, loss_weights)
+        reg, values = regularisers(self.arch, loss_weights, self.level_weighting)
         grads = torch.autograd.grad(ce + reg, [*arch_params, *virtual], allow_unused=True, materialize_grads=True)
         alpha_grads, v = grads[: len(arch_params)], grads[len(arch_params) :]
 

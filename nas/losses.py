@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,27 +39,44 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim)
 
 
-def op_entropy(arch: Architecture) -> torch.Tensor:
+def level_scales(arch: Architecture, weighting: str = "sum") -> list[float]:
+    """The factor of each level's share of a term. `sum`: 1 for every level, so levels of shared
+    alpha count once per level (5 stage levels get 5 edges' worth of pressure per edge position where
+    global sharing gets 2). `cells`: the level's cells over the cells of its type (normal or
+    reduction), so every cell type gets the same total pressure however finely it is shared; with
+    global sharing both factors are 1 and the loss is the reference's (docs/science.md §6.2)."""
+    levels = arch.space.levels
+    if weighting == "sum":
+        return [1.0] * len(levels)
+    per_type = {kind: sum(len(lv.cells) for lv in levels if lv.reduction == kind) for kind in (False, True)}
+    return [len(lv.cells) / per_type[lv.reduction] for lv in levels]
+
+
+def op_entropy(arch: Architecture, weighting: str = "sum") -> torch.Tensor:
     """Sum over levels and edges of H(softmax(f(alpha_edge))): on the same (sharpened) op weights
-    that the forward pass uses."""
-    return sum(entropy(w).sum() for w in arch.op_weights())
+    that the forward pass uses; each level's sum scaled by `level_scales`."""
+    scales = level_scales(arch, weighting)
+    return sum(scale * entropy(w).sum() for scale, w in zip(scales, arch.op_weights()))
 
 
-def edge_entropy(arch: Architecture) -> torch.Tensor:
-    """Sum over edge groups with beta of H(softmax(min(beta, 1)))."""
-    terms = [entropy(F.softmax(arch.clipped_beta(slot), dim=-1)) for slot in range(len(arch.betas))]
+def edge_entropy(arch: Architecture, weighting: str = "sum") -> torch.Tensor:
+    """Sum over edge groups with beta of H(softmax(min(beta, 1))), each level scaled by `level_scales`."""
+    terms = []
+    for level, scale in enumerate(level_scales(arch, weighting)):
+        for _, slot in arch.beta_groups(level):
+            terms.append(scale * entropy(F.softmax(arch.clipped_beta(slot), dim=-1)))
     return torch.stack(terms).sum() if terms else _zero(arch)
 
 
-def edge_count_loss(arch: Architecture) -> torch.Tensor:
+def edge_count_loss(arch: Architecture, weighting: str = "sum") -> torch.Tensor:
     """Sum over edge groups with beta of (sum of positive min(beta, 1) - K)^2: drives exactly K
-    clipped betas to the cap and the rest below zero."""
+    clipped betas to the cap and the rest below zero. Each level scaled by `level_scales`."""
     terms = []
-    for level in range(len(arch.alphas)):
+    for level, scale in enumerate(level_scales(arch, weighting)):
         for group, slot in arch.beta_groups(level):
             b = arch.clipped_beta(slot)
             positive = torch.where(b > 0, b, torch.zeros_like(b)).sum()
-            terms.append((positive - group.keep) ** 2)
+            terms.append(scale * (positive - group.keep) ** 2)
     return torch.stack(terms).sum() if terms else _zero(arch)
 
 
@@ -161,6 +179,9 @@ class LossConfig:
     op_entropy: LossTerm = field(default_factory=LossTerm)
     edge_entropy: LossTerm = field(default_factory=LossTerm)
     edge_count: LossTerm = field(default_factory=LossTerm)
+    # How levels of shared alpha/beta add up in each term (`level_scales`): `sum` (one share per
+    # level, as searched so far) or `cells` (pressure per cell type independent of the sharing).
+    level_weighting: Literal["sum", "cells"] = "sum"
 
     def terms(self) -> dict[str, LossTerm]:
         return {name: getattr(self, name) for name in LOSS_TERMS}
@@ -169,9 +190,11 @@ class LossConfig:
         return {name: term.weight_at(epoch, epochs) for name, term in self.terms().items()}
 
 
-def regularisers(arch: Architecture, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def regularisers(
+    arch: Architecture, weights: dict[str, float], level_weighting: str = "sum"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the terms whose weight is non-zero, and every term's raw value."""
-    values = {name: fn(arch) for name, fn in TERM_FUNCTIONS.items()}
+    values = {name: fn(arch, level_weighting) for name, fn in TERM_FUNCTIONS.items()}
     total = _zero(arch)
     for name, value in values.items():
         if weights.get(name, 0.0):

@@ -376,7 +376,10 @@ class Search:
         arch_optimizer = torch.optim.Adam(
             groups, betas=tuple(config.arch_optim.betas), weight_decay=config.arch_optim.weight_decay
         )
-        architect = Architect(supernet, arch, arch_optimizer, config.order, w.momentum, w.weight_decay)
+        architect = Architect(
+            supernet, arch, arch_optimizer, config.order, w.momentum, w.weight_decay,
+            level_weighting=config.loss.level_weighting,
+        )  # fmt: skip
         return cls(
             config, space, target, supernet, arch, weight_optimizer, arch_optimizer, architect, alpha_lr, beta_lr, scale
         )

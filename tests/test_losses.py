@@ -123,3 +123,37 @@ def test_schedules_keep_their_shape_in_a_short_search():
 def test_schedule_factors(schedule, epoch, epochs, expected):
     term = LossTerm(weight=1.0, schedule=schedule, warmup=0.2)
     assert term.weight_at(epoch, epochs) == pytest.approx(expected)
+
+
+def test_level_weighting_cells_gives_every_cell_type_the_pressure_of_global_sharing():
+    """8 cells, stage sharing: 3 normal levels of 2 cells and 2 reduction levels of 1 cell. With
+    uniform alpha and zero beta, `sum` counts 5 levels; `cells` scales them by 2/6 and 1/2, which adds
+    up to the 2 levels of global sharing (and leaves global sharing itself unchanged)."""
+    from nas.losses import level_scales, regularisers
+
+    def arch_for(sharing):
+        space = SearchSpace(DARTS_OPS, cells=8, alpha_sharing=sharing)
+        arch = Architecture(space, Target.parse([2, 2, 2, 2], space), edge_params=True)
+        with torch.no_grad():
+            for p in arch.parameters():
+                p.zero_()
+        return arch
+
+    stage, shared = arch_for("stage"), arch_for("global")
+    assert sorted(level_scales(stage, "cells")) == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2])
+    assert level_scales(stage, "sum") == [1.0] * 5
+    per_level = 14 * math.log(8)  # 14 edges of uniform op weights
+    groups = 3  # nodes with 3, 4, 5 inputs choose 2 (the first node keeps both of its inputs)
+    assert op_entropy(stage, "sum").item() == pytest.approx(5 * per_level, rel=1e-6)
+    assert op_entropy(stage, "cells").item() == pytest.approx(2 * per_level, rel=1e-6)
+    assert edge_count_loss(stage, "sum").item() == pytest.approx(5 * groups * 2**2)
+    assert edge_count_loss(stage, "cells").item() == pytest.approx(2 * groups * 2**2)
+    h = [math.log(3), math.log(4), math.log(5)]  # softmax of zeros over 3, 4, 5 inputs
+    assert edge_entropy(stage, "cells").item() == pytest.approx(2 * sum(h), rel=1e-6)
+    for weighting in ("sum", "cells"):  # global sharing: the reference's loss either way
+        assert op_entropy(shared, weighting).item() == pytest.approx(2 * per_level, rel=1e-6)
+    weights = {"op_entropy": 0.1, "edge_entropy": 0.4, "edge_count": 0.08}
+    total, _ = regularisers(stage, weights, "cells")
+    expected = 0.1 * 2 * per_level + 0.4 * 2 * sum(h) + 0.08 * 2 * groups * 4
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert SearchConfig.resolve(overrides=["loss.level_weighting=cells"]).loss.level_weighting == "cells"
