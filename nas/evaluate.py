@@ -305,11 +305,8 @@ def run_evaluation(
     params = count_parameters(model)
     macs = count_macs(model, config.image_size)
     model = model.to(device)
-    # channels-last where asked for, and by default on the CPU
-    channels_last = config.runtime.channels_last or (config.runtime.channels_last is None and device.type == "cpu")
-    memory_format = torch.channels_last if channels_last else None
-    if memory_format is not None:
-        model = model.to(memory_format=memory_format)
+    memory_format = config.runtime.memory_format(device, "evaluate")
+    model = model.to(memory_format=memory_format)
     autocast = config.runtime.autocast_dtype(device, "evaluate")
     info = {
         "params": params,
@@ -365,8 +362,7 @@ def run_evaluation(
 
             bar = tqdm(total=data.train_steps(), desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True)
         for images, labels in data.train_batches(epoch):
-            if memory_format is not None:
-                images = images.contiguous(memory_format=memory_format)
+            images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, autocast, enabled=autocast is not None):
                 logits, aux = model(images)

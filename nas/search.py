@@ -144,12 +144,15 @@ class RuntimeConfig:
             return torch.bfloat16
         return None
 
-    def memory_format(self, device: torch.device, path: str = "runtime.channels_last") -> torch.memory_format:
+    def memory_format(
+        self, device: torch.device, workload: Literal["search", "evaluate"] = "search"
+    ) -> torch.memory_format:
+        """channels-last where asked for, and when unset on the CPU only."""
         if self.channels_last is None:
             return torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        if self.channels_last and device.type == "cuda" and self.fused:
+        if self.channels_last and device.type == "cuda" and self.fused and workload == "search":
             raise ConfigError(
-                path,
+                "runtime.channels_last",
                 True,
                 "gives wrong convolution gradients in the fused search on CUDA (cuDNN, grouped 1x1 "
                 "convolutions in channels-last); leave it unset (contiguous on CUDA) or set false",
