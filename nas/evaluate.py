@@ -32,6 +32,7 @@ from .data import (
     CIFAR_TRAIN_SIZE,
     batches,
     cutout,
+    downsample,
     imagenet_folder,
     load_cifar10,
     normalize,
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 MOBILE_MACS = 600e6
+CIFAR_SIZES = (32, 16, 8)  # 16 and 8: average-pooled, as the search data at data.resolution
 # Fields that change where and how fast, not what, an evaluation computes.
 _RESUME_FREE = (
     "data.root",
@@ -118,8 +120,24 @@ class EvalConfig:
     def validate(self, path: str = "") -> None:
         if self.channels % 2:
             raise ConfigError("channels", self.channels, "must be even (factorized reductions halve it)")
-        if self.dataset == "cifar10" and self.image_size != 32:
-            raise ConfigError("image_size", self.image_size, "CIFAR-10 images are 32x32")
+        if self.dataset == "cifar10" and self.image_size not in CIFAR_SIZES:
+            raise ConfigError(
+                "image_size",
+                self.image_size,
+                "CIFAR-10 images are 32x32; 16 and 8 average-pool them (the reduced scale of docs/science.md §8)",
+            )
+        if self.dataset == "cifar10" and self.auxiliary and self.image_size != 32:
+            raise ConfigError(
+                "auxiliary",
+                True,
+                f"false at image_size {self.image_size}: the auxiliary head pools the 8x8 maps of 32x32 input",
+            )
+        if self.dataset == "cifar10" and self.cutout > self.image_size // 2:
+            raise ConfigError(
+                "cutout",
+                self.cutout,
+                f"at most half of image_size {self.image_size} (the protocol's 16 of 32); 0 turns cutout off",
+            )
 
     @classmethod
     def resolve(
@@ -186,7 +204,8 @@ class _CifarData:
             train = train.take(torch.randperm(len(train), generator=g)[: config.data.subset])
         if config.data.test_subset:
             test = test.take(torch.randperm(len(test), generator=g)[: config.data.test_subset])
-        self.train, self.test = train.to(device), test.to(device)
+        self.train = downsample(train, config.image_size).to(device)
+        self.test = downsample(test, config.image_size).to(device)
         self.config = config
 
     def train_batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -194,7 +213,7 @@ class _CifarData:
         order = torch.randperm(len(self.train), generator=g).to(self.train.images.device)
         for start in range(0, len(order), self.config.batch_size):
             index = order[start : start + self.config.batch_size]
-            images = normalize(random_crop_flip(self.train.images[index], g, 4))
+            images = normalize(random_crop_flip(self.train.images[index], g, self.config.image_size // 8))
             if self.config.cutout:
                 images = cutout(images, g, self.config.cutout)
             yield images, self.train.labels[index]

@@ -147,6 +147,61 @@ def test_resume_equals_no_stop(tmp_path):
     assert json.loads((tmp_path / "b" / "result.json").read_text())["metrics"] == straight.metrics
 
 
+def test_cifar_at_16x16_trains_on_average_pooled_images(monkeypatch):
+    """The reduced-scale protocol: 2x2 average-pooled CIFAR images, crops padded by 2 (4 at 32x32)."""
+    seen, paddings = [], []
+    forward = EvalNetwork.forward
+
+    def spy(self, x, *args, **kwargs):
+        seen.append(tuple(x.shape[-2:]))
+        return forward(self, x, *args, **kwargs)
+
+    import nas.evaluate as evaluate
+
+    crop = evaluate.random_crop_flip
+
+    def spy_crop(images, generator, padding, *args):
+        paddings.append(padding)
+        return crop(images, generator, padding, *args)
+
+    monkeypatch.setattr(EvalNetwork, "forward", spy)
+    monkeypatch.setattr(evaluate, "random_crop_flip", spy_crop)
+    config = EvalConfig.resolve(
+        "cifar10",
+        overrides=[
+            "epochs=1",
+            "layers=5",
+            "channels=8",
+            "data.subset=128",
+            "data.test_subset=64",
+            "device=cpu",
+            "data.synthetic=true",
+            "image_size=16",
+            "cutout=8",
+            "auxiliary=false",
+        ],  # fmt: skip
+    )
+    result = run_evaluation(PUBLISHED["darts_v2"], config)
+    assert set(seen) == {(16, 16)} and set(paddings) == {2}
+    assert 0.0 <= result.metrics["test_top1_error"] <= 100.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"image_size": 24}, "image_size"),
+        ({"image_size": 16, "auxiliary": False}, "cutout"),
+        ({"image_size": 16, "cutout": 8}, "auxiliary"),
+    ],
+)
+def test_reduced_cifar_sizes_are_checked(settings, field):
+    from nas.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        EvalConfig.resolve("cifar10", settings)
+    assert err.value.field == field
+
+
 def test_imagenet_through_imagefolder(tmp_path):
     from PIL import Image
 
