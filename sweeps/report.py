@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tuning.report import (
     csv_table,
+    drop_vs_error_text,
     export_alpha_plots,
     final_skip_table,
     load_trials,
+    plot_drop_vs_error,
     plot_drops,
     plot_skip_counts,
     report_text,
@@ -93,6 +95,11 @@ def main(argv=None) -> int:
         print(table)
         with open(out / "report.md", "a") as handle:
             handle.write(table)
+    if comparison := drop_vs_error_text(finished):
+        print(comparison)
+        with open(out / "report.md", "a") as handle:
+            handle.write("\n" + comparison)
+        written.append(plot_drop_vs_error(finished, out / "drop_vs_accuracy.png", args.experiment))
     if args.alpha_plots:
         written += export_alpha_plots(uri, finished, args.alpha_plots, out)
     print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)

@@ -179,7 +179,7 @@ def test_cifar_at_16x16_trains_on_average_pooled_images(monkeypatch):
             "image_size=16",
             "cutout=8",
             "auxiliary=false",
-        ],  # fmt: skip
+        ],
     )
     result = run_evaluation(PUBLISHED["darts_v2"], config)
     assert set(seen) == {(16, 16)} and set(paddings) == {2}

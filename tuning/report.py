@@ -329,3 +329,92 @@ def final_skip_table(histories: dict[str, dict[str, dict[int, float]]]) -> str:
             cells.append(f"{points[max(points)]:.1f}" if points else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank); nan below 3 pairs or without spread."""
+
+    def ranks(values: Sequence[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        start = 0
+        while start < len(order):
+            end = start
+            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+                end += 1
+            for k in range(start, end + 1):
+                result[order[k]] = (start + end) / 2 + 1
+            start = end + 1
+        return result
+
+    if len(xs) < 3:
+        return math.nan
+    rx, ry = ranks(xs), ranks(ys)
+    if len(set(rx)) < 2 or len(set(ry)) < 2:
+        return math.nan
+    return statistics.correlation(rx, ry)
+
+
+def retrained(trials: Sequence[TrialRecord], dataset: str = "cifar10") -> list[TrialRecord]:
+    """The trials whose derived architecture the evaluation stage trained on `dataset`, by method and seed."""
+    method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    found = [t for t in trials if f"{dataset}_test_error" in t.metrics]
+    return sorted(found, key=lambda t: (_target_key(t.target), method_rank.get(t.method, 99), t.method, t.seed))
+
+
+def drop_vs_error_text(trials: Sequence[TrialRecord], dataset: str = "cifar10") -> str:
+    """Per retrained trial: the search's accuracies and drops beside the retrained network's test
+    accuracy, then the rank correlation of each drop with the test error over all of them."""
+    found = retrained(trials, dataset)
+    if not found:
+        return ""
+    key = f"{dataset}_test_error"
+    metrics = ("supernet_acc", "discretized_acc", "drop", "drop_bn_recal")
+    lines = [
+        f"## Search vs. retrained accuracy ({dataset})\n",
+        "| method | target | seed | supernet | discretized | drop | drop BN recal | retrained test acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in found:
+        cells = [_number(t.metrics.get(m)) for m in metrics]
+        lines.append(f"| {t.method} | {t.target} | {t.seed} | {' | '.join(cells)} | {_number(100 - t.metrics[key])} |")
+    lines.append("")
+    accuracy = [100 - t.metrics[key] for t in found]
+    for metric, label in (("drop", "drop"), ("drop_bn_recal", "drop after BN recalibration"),
+                          ("supernet_acc", "supernet accuracy"), ("discretized_acc", "discretized accuracy")):  # fmt: skip
+        pairs = [(t.metrics[metric], a) for t, a in zip(found, accuracy) if metric in t.metrics]
+        rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        lines.append(
+            f"- Spearman rank correlation of {label} with retrained test accuracy: {_number(rho)} (n = {len(pairs)})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def plot_drop_vs_error(
+    trials: Sequence[TrialRecord], path: str | Path, title: str = "", dataset: str = "cifar10"
+) -> Path | None:
+    """One point per retrained trial: the search's drop (x) against the retrained test accuracy (y)."""
+    found = retrained(trials, dataset)
+    if not found:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), sharey=True)
+    methods = [m for m in METHOD_ORDER if any(t.method == m for t in found)]
+    methods += sorted({t.method for t in found} - set(methods))
+    for ax, metric, label in ((axes[0], "drop", "drop (stored BN statistics)"),
+                              (axes[1], "drop_bn_recal", "drop after BN recalibration")):  # fmt: skip
+        for method in methods:
+            points = [(t.metrics[metric], 100 - t.metrics[f"{dataset}_test_error"])
+                      for t in found if t.method == method and metric in t.metrics]  # fmt: skip
+            ax.scatter([p[0] for p in points], [p[1] for p in points], label=method, s=30)
+        ax.set_xlabel(f"search: {label} (points)", fontsize=9)
+    axes[0].set_ylabel(f"retrained {dataset} test accuracy (%)", fontsize=9)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
