@@ -41,7 +41,7 @@ class Architect:
         weight_momentum: float = 0.9,
         weight_decay: float = 3e-4,
         hvp_radius: float = 1e-2,
-        level_weighting: str = "sum",
+        level_weighting: str = "cells",
     ):
         self.level_weighting = level_weighting
         self.supernet = supernet

@@ -39,7 +39,7 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim)
 
 
-def level_scales(arch: Architecture, weighting: str = "sum") -> list[float]:
+def level_scales(arch: Architecture, weighting: str = "cells") -> list[float]:
     """The factor of each level's share of a term. `sum`: 1 for every level, so levels of shared
     alpha count once per level (5 stage levels get 5 edges' worth of pressure per edge position where
     global sharing gets 2). `cells`: the level's cells over the cells of its type (normal or
@@ -52,14 +52,14 @@ def level_scales(arch: Architecture, weighting: str = "sum") -> list[float]:
     return [len(lv.cells) / per_type[lv.reduction] for lv in levels]
 
 
-def op_entropy(arch: Architecture, weighting: str = "sum") -> torch.Tensor:
+def op_entropy(arch: Architecture, weighting: str = "cells") -> torch.Tensor:
     """Sum over levels and edges of H(softmax(f(alpha_edge))): on the same (sharpened) op weights
     that the forward pass uses; each level's sum scaled by `level_scales`."""
     scales = level_scales(arch, weighting)
     return sum(scale * entropy(w).sum() for scale, w in zip(scales, arch.op_weights()))
 
 
-def edge_entropy(arch: Architecture, weighting: str = "sum") -> torch.Tensor:
+def edge_entropy(arch: Architecture, weighting: str = "cells") -> torch.Tensor:
     """Sum over edge groups with beta of H(softmax(min(beta, 1))), each level scaled by `level_scales`."""
     terms = []
     for level, scale in enumerate(level_scales(arch, weighting)):
@@ -68,7 +68,7 @@ def edge_entropy(arch: Architecture, weighting: str = "sum") -> torch.Tensor:
     return torch.stack(terms).sum() if terms else _zero(arch)
 
 
-def edge_count_loss(arch: Architecture, weighting: str = "sum") -> torch.Tensor:
+def edge_count_loss(arch: Architecture, weighting: str = "cells") -> torch.Tensor:
     """Sum over edge groups with beta of (sum of positive min(beta, 1) - K)^2: drives exactly K
     clipped betas to the cap and the rest below zero. Each level scaled by `level_scales`."""
     terms = []
@@ -179,9 +179,9 @@ class LossConfig:
     op_entropy: LossTerm = field(default_factory=LossTerm)
     edge_entropy: LossTerm = field(default_factory=LossTerm)
     edge_count: LossTerm = field(default_factory=LossTerm)
-    # How levels of shared alpha/beta add up in each term (`level_scales`): `sum` (one share per
-    # level, as searched so far) or `cells` (pressure per cell type independent of the sharing).
-    level_weighting: Literal["sum", "cells"] = "sum"
+    # How levels of shared alpha/beta add up in each term (`level_scales`, docs/science.md D13):
+    # `cells` (the same pressure per cell type whatever the sharing) or `sum` (one full share per level).
+    level_weighting: Literal["sum", "cells"] = "cells"
 
     def terms(self) -> dict[str, LossTerm]:
         return {name: getattr(self, name) for name in LOSS_TERMS}
@@ -191,7 +191,7 @@ class LossConfig:
 
 
 def regularisers(
-    arch: Architecture, weights: dict[str, float], level_weighting: str = "sum"
+    arch: Architecture, weights: dict[str, float], level_weighting: str = "cells"
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the terms whose weight is non-zero, and every term's raw value."""
     values = {name: fn(arch, level_weighting) for name, fn in TERM_FUNCTIONS.items()}

@@ -156,4 +156,5 @@ def test_level_weighting_cells_gives_every_cell_type_the_pressure_of_global_shar
     total, _ = regularisers(stage, weights, "cells")
     expected = 0.1 * 2 * per_level + 0.4 * 2 * sum(h) + 0.08 * 2 * groups * 4
     assert total.item() == pytest.approx(expected, rel=1e-6)
-    assert SearchConfig.resolve(overrides=["loss.level_weighting=cells"]).loss.level_weighting == "cells"
+    assert SearchConfig.resolve().loss.level_weighting == "cells"
+    assert SearchConfig.resolve(overrides=["loss.level_weighting=sum"]).loss.level_weighting == "sum"
