@@ -59,6 +59,7 @@ MODES = {
     "reference": [],  # the public DARTS code itself (--reference-dir); not this project's supernet
     "naive": ["runtime.fused=false", "runtime.channels_last=false", "runtime.amp=off"],
     "fast": [],  # the defaults: fused; channels-last on the CPU; float32
+    "fast_native_dw": [],  # fast, with PyTorch's own depthwise-conv backward (nas.depthwise off)
     "fast_bf16": ["runtime.amp=bf16"],
     "fast_compile": ["runtime.compile=true"],
 }
@@ -200,6 +201,10 @@ def measure(
             raise SystemExit("mode reference needs --reference-dir (a checkout of quark0/darts)")
         step, weight_step, forward = reference_steps(name, reference_dir, dev)
     else:
+        if mode == "fast_native_dw":
+            import nas.depthwise
+
+            nas.depthwise.enabled = False
         step, weight_step, forward = project_steps(name, mode, preset, dev)
     batch_size = CONFIGS[name]["batch_size"]
     g = torch.Generator().manual_seed(0)
