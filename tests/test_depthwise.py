@@ -42,6 +42,19 @@ def test_values_and_gradients_equal_conv2d(k, stride, padding, dilation, size):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(("k", "padding"), [(3, 1), (5, 2)])
+def test_the_rewritten_backward_is_exact_for_undilated_kernels_too(k, padding):
+    """Not the default for them (no measured gain), but the formulation holds."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(3, 1, k, k, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(x, w, None, 1, padding, 1, 3)
+    got = depthwise._DepthwiseConv2d.apply(x, w, (1, 1), (padding, padding), (1, 1))
+    g = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(expected, (x, w), g), torch.autograd.grad(got, (x, w), g)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_float32_channels_last_gradients_match_to_round_off():
     torch.manual_seed(0)
     x = torch.randn(4, 8, 16, 16).contiguous(memory_format=CL).requires_grad_()
