@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise import depthwise_conv2d
 from .ops import DilConv, FactorizedReduce, Identity, SepConv
 
 
@@ -88,8 +89,8 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d, subsa
     conv for which `on_even_pixels` holds."""
     if subsampled:
         k = conv.kernel_size[0]
-        return F.conv2d(x, weight, None, 1, (k - 1) // 2, 1, weight.shape[0])
-    return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, weight.shape[0])
+        return depthwise_conv2d(x, weight, 1, (k - 1) // 2, 1)
+    return depthwise_conv2d(x, weight, conv.stride, conv.padding, conv.dilation)
 
 
 def _dil_conv(

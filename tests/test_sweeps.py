@@ -84,6 +84,7 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
         params = run.data.params
         assert params["method"] == params["preset"] and params["target"] == "[2, 2, 2, 2]"
         assert params["model.channels"] == "4" and params["epochs"] == "2" and "arch_lr_scale_effective" in params
+        assert params["threads"] == "1"  # resources: {cpu: 1}: the trial computes on one thread
         # One name per quantity, over the epochs and at the end, in sections that put the
         # accuracies first; parameters in millions; values without float noise.
         metrics = run.data.metrics

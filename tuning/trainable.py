@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray import tune
 
 from nas.network import EvalNetwork, count_parameters
@@ -31,6 +30,7 @@ from nas.search import CHECKPOINT, EpochEvent, SearchConfig, SearchDiverged, arc
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import FINAL_METRICS, method_label, trial_search
 from .presentation import COLOUR_TAG, NOTE_TAG, method_colour, mlflow_metrics, report_names, trial_note
+from .threads import place_threads
 from .tracking import PENDING_FILE, TrackedRun, params_of
 
 
@@ -124,7 +124,7 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         problem = None
     except AcceleratorError as err:
         problem = err  # raised once the trial's MLflow run holds it
-    torch.set_num_threads(max(1, int(settings.cpus)))
+    threads = place_threads(settings.cpus)  # the trial's share of the machine's cores
     out_dir = Path(context.get_trial_dir()) / "search"
     _restore_checkpoint(out_dir)
 
@@ -134,6 +134,7 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         "method": method,
         "target": config.resolved_target().describe(),
         "trial_id": trial_id,
+        "threads": threads,
         "arch_lr_scale_effective": round(arch_lr_scale(config, steps_per_epoch(config)), 6),
         **({} if problem else effective_precision(config.device, config.runtime)),
     }
