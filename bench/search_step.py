@@ -99,7 +99,8 @@ def measure(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nas.search import Search, SearchConfig
+    from nas.search import Search
+    from nas.settings import SearchConfig
 
     if threads:
         torch.set_num_threads(threads)

@@ -14,7 +14,8 @@ from .data import DataNotFoundError
 from .evaluate import MOBILE_MACS, EvalConfig, run_evaluation
 from .genotype import PUBLISHED, resolve_genotype
 from .network import network_info
-from .search import SearchConfig, SearchDiverged, rederive, run_search
+from .search import SearchDiverged, rederive, run_search
+from .settings import SearchConfig
 
 METRIC_ROWS = (
     ("supernet (mixed ops)", "supernet_acc", None),

@@ -1,4 +1,4 @@
-"""SearchConfig and run_search: one full supernet search, from data to discretized accuracy.
+"""run_search: one full supernet search, from data to discretized accuracy.
 
     config = SearchConfig.resolve(preset="da2s", overrides=["epochs=10", "target=3 of 14"])
     result = run_search(config, out_dir="runs/da2s")
@@ -17,281 +17,41 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import config as cfg
 from .architect import Architect
-from .config import ConfigError, flatten_mapping
-from .data import CIFAR_TRAIN_SIZE, DataConfig, SearchData, batches, make_search_data, stream_generator
+from .config import ConfigError
+from .data import SearchData, batches, make_search_data, stream_generator
 from .discretize import BoundSupernet, DiscretizedNetwork, accuracy, discretization_metrics
 from .genotype import Genotype, derive_genotype
-from .losses import LossConfig, entropy, warmup_epoch
-from .ops import OP_LISTS
-from .presets import PRESETS
+from .losses import entropy, warmup_epoch
+from .runtime import (
+    CHECKPOINT,
+    RESULT,
+    EpochEvent,
+    PhaseClock,
+    check_resumable,
+    cosine_lr,
+    load_checkpoint,
+    progress_bar,
+    resolve_device,
+    save_atomic,
+)
+from .settings import RESUME_FREE, SearchConfig, arch_lr_scale
 from .space import SearchSpace, Target
 from .supernet import Architecture, Supernet
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
-# Architecture steps of the reference search: 50 epochs of ceil(25000 / 64) batches.
-REFERENCE_ARCH_STEPS = 50 * math.ceil(25_000 / 64)
-# Fields that do not change what a search computes; a resumed search may differ in them.
-_RESUME_FREE = {
-    "device",
-    "data.root",
-    "data.download",
-    "runtime.fused",
-    "runtime.channels_last",
-    "runtime.amp",
-    "runtime.compile",
-}
-
 
 class SearchDiverged(RuntimeError):
     """A loss or an architecture parameter became NaN or infinite."""
-
-
-@dataclass
-class ModelConfig:
-    channels: int = field(default=16, metadata={"min": 2})
-    cells: int = field(default=8, metadata={"min": 1})
-    nodes: int = field(default=4, metadata={"min": 1})
-    stem_multiplier: int = field(default=3, metadata={"min": 1})
-
-
-@dataclass
-class AlphaConfig:
-    init_std: float = field(default=1e-3, metadata={"min": 0.0})
-    # DA2S's f(alpha): doubles the logits, and cubes them below -0.5.
-    sharpen: bool = False
-    lr: float = field(default=3e-4, metadata={"min": 0.0})
-    # Alpha's learning rate is 0 before epoch round(warmup * epochs) (DA2S: epoch 8 of 50).
-    warmup: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-
-
-@dataclass
-class BetaConfig:
-    init_noise: float = field(default=1e-4, metadata={"min": 0.0})
-    clip: float | None = 1.0
-    lr: float = field(default=3e-4, metadata={"min": 0.0})
-    # Reproduces the released DA2S code, which feeds beta_reduce to normal cells and vice versa.
-    swap_bug: bool = False
-
-
-@dataclass
-class ArchOptimConfig:
-    betas: tuple[float, ...] = (0.5, 0.999)
-    weight_decay: float = field(default=1e-3, metadata={"min": 0.0})
-    # Multiplies the alpha and beta learning rates; `auto` = reference steps / this run's steps
-    # (docs/science.md D8): a short search needs larger steps for alpha and beta to move.
-    lr_scale: float | Literal["auto"] = 1.0
-
-    def validate(self, path: str) -> None:
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"{path}.betas", list(self.betas), "expected two numbers in [0, 1)")
-        if self.lr_scale != "auto" and self.lr_scale <= 0:
-            raise ConfigError(f"{path}.lr_scale", self.lr_scale, "must be > 0 or 'auto'")
-
-
-@dataclass
-class WeightOptimConfig:
-    lr: float = field(default=0.025, metadata={"gt": 0.0})
-    lr_min: float = field(default=0.001, metadata={"min": 0.0})
-    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
-    weight_decay: float = field(default=3e-4, metadata={"min": 0.0})
-    grad_clip: float | None = field(default=5.0, metadata={"gt": 0.0})
-
-
-@dataclass
-class RuntimeConfig:
-    """How a search computes, not what: every setting gives the same result up to floating-point
-    round-off (tests/test_fused.py), so a search may resume under other ones. The defaults are the
-    fastest measured on each device (docs/gpu.md)."""
-
-    # The fused forward (nas/fused.py) instead of the DARTS-style loop over every op of every edge.
-    fused: bool = True
-    # channels-last tensors. Unset: on the CPU (oneDNN runs the grouped convolutions faster), not on
-    # CUDA, where cuDNN's weight gradients of the fused search's grouped 1x1 convolutions came out
-    # wrong in channels-last (docs/gpu.md); a search on CUDA refuses it.
-    channels_last: bool | None = None
-    # bf16 autocast for the forward. `auto`: float32 for the search everywhere (on an H200 its step
-    # is bound by kernel launches, and bf16's casts made it no faster); for the evaluation networks,
-    # bf16 on GPUs that compute it natively (compute capability >= 8.0: A100, A10G, L4, H100, ...)
-    # and float32 on the CPU and older GPUs (T4, V100), where bf16 is emulated and fp16 would need
-    # loss scaling. `bf16` forces it anywhere; `off` never.
-    amp: Literal["auto", "off", "bf16"] = "auto"
-    # torch.compile the supernet (in place; CUDA mainly: on CPU it needs a C++ compiler and minutes).
-    compile: bool = False
-
-    def autocast_dtype(self, device: torch.device, workload: Literal["search", "evaluate"] = "search"):
-        """The autocast dtype on `device`; None: float32, no autocast."""
-        if self.amp == "bf16":
-            return torch.bfloat16
-        if (
-            self.amp == "auto"
-            and workload == "evaluate"
-            and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (8, 0)
-        ):
-            return torch.bfloat16
-        return None
-
-    def memory_format(
-        self, device: torch.device, workload: Literal["search", "evaluate"] = "search"
-    ) -> torch.memory_format:
-        """channels-last where asked for, and when unset on the CPU only."""
-        if self.channels_last is None:
-            return torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        if self.channels_last and device.type == "cuda" and self.fused and workload == "search":
-            raise ConfigError(
-                "runtime.channels_last",
-                True,
-                "gives wrong convolution gradients in the fused search on CUDA (cuDNN, grouped 1x1 "
-                "convolutions in channels-last); leave it unset (contiguous on CUDA) or set false",
-            )
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-
-@dataclass
-class DiscretizeConfig:
-    bn_recal_batches: int = field(default=20, metadata={"min": 1})
-
-
-@dataclass
-class SearchConfig:
-    """Everything one search depends on. Defaults are the DARTS search settings."""
-
-    preset: Literal["darts", "da2s", "multilevel"] | None = None
-    seed: int = 2
-    epochs: int = field(default=50, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 2})
-    order: Literal["first", "second"] = "first"
-    ops: str | tuple[str, ...] = "darts"
-    alpha_sharing: Literal["global", "stage", "cell"] = "global"
-    edge_params: bool = False
-    target: Any = (2, 2, 2, 2)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    alpha: AlphaConfig = field(default_factory=AlphaConfig)
-    beta: BetaConfig = field(default_factory=BetaConfig)
-    arch_optim: ArchOptimConfig = field(default_factory=ArchOptimConfig)
-    weights: WeightOptimConfig = field(default_factory=WeightOptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    discretize: DiscretizeConfig = field(default_factory=DiscretizeConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    # ----------------------------------------------------------------- building
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SearchConfig:
-        return cfg.from_dict(cls, data)
-
-    @classmethod
-    def resolve(
-        cls,
-        preset: str | None = None,
-        file: str | os.PathLike | Mapping[str, Any] | None = None,
-        overrides: Iterable[str] = (),
-        data_root: str | None = None,
-    ) -> SearchConfig:
-        """Preset defaults, then the YAML file (a path or a mapping), then `--set` overrides; the
-        preset comes from the argument, else the file's `preset:`. `data_root` wins over data.root."""
-        raw = cfg.file_with_overrides(file, overrides)
-        preset = preset or raw.get("preset")
-        if preset is not None and preset not in PRESETS:
-            raise ConfigError("preset", preset, f"expected one of {', '.join(PRESETS)}")
-        merged = cfg.deep_merge(PRESETS.get(preset, {}), raw)
-        if preset is not None:
-            merged["preset"] = preset
-        if data_root:
-            merged.setdefault("data", {})["root"] = data_root
-        return cls.from_dict(merged)
-
-    def validate(self, path: str = "") -> None:
-        if isinstance(self.ops, str) and self.ops not in OP_LISTS:
-            raise ConfigError("ops", self.ops, f"expected one of {', '.join(OP_LISTS)} or a list of op names")
-        if self.model.channels % 2:
-            raise ConfigError("model.channels", self.model.channels, "must be even (factorized reductions halve it)")
-        space = self.space()
-        target = Target.parse(self.target, space)
-        self.target = target.to_spec()
-        if not self.edge_params:
-            for name in ("edge_entropy", "edge_count"):
-                if getattr(self.loss, name).weight > 0:
-                    raise ConfigError(
-                        f"loss.{name}.weight",
-                        getattr(self.loss, name).weight,
-                        "needs edge_params: true (beta); set it to 0",
-                    )
-        if self.beta.swap_bug:
-            if self.alpha_sharing != "global" or not self.edge_params:
-                raise ConfigError("beta.swap_bug", True, "exists only with alpha_sharing: global and edge_params: true")
-            if target.cells[0] != target.cells[1]:
-                raise ConfigError("beta.swap_bug", True, "needs the same target for normal and reduction cells")
-
-    # ----------------------------------------------------------------- derived objects
-    def op_names(self) -> tuple[str, ...]:
-        return OP_LISTS[self.ops] if isinstance(self.ops, str) else tuple(self.ops)
-
-    def space(self) -> SearchSpace:
-        return SearchSpace(self.op_names(), self.model.nodes, self.model.cells, self.alpha_sharing)
-
-    def resolved_target(self, space: SearchSpace | None = None) -> Target:
-        return Target.parse(self.target, space or self.space())
-
-    def to_dict(self) -> dict[str, Any]:
-        return cfg.to_dict(self)
-
-    def method(self) -> str:
-        """A short name of the method for tables: the preset, else a description of the fields."""
-        if self.preset:
-            return self.preset
-        return ("beta" if self.edge_params else "alpha") + f"-{self.alpha_sharing}"
-
-
-def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
-    """The weight learning rate of 1-based `epoch`: the reference steps its cosine schedule at the
-    start of every epoch, so epoch 1 already uses the value after one step and the last lr_min."""
-    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
-
-
-def steps_per_epoch(config: SearchConfig) -> int:
-    """Weight steps per epoch that the config's data split gives (ceil(train images / batch))."""
-    used = config.data.subset or CIFAR_TRAIN_SIZE
-    return math.ceil(math.floor(config.data.train_portion * used) / config.batch_size)
-
-
-def arch_lr_scale(config: SearchConfig, steps_per_epoch: int) -> float:
-    if config.arch_optim.lr_scale == "auto":
-        return REFERENCE_ARCH_STEPS / (config.epochs * steps_per_epoch)
-    return float(config.arch_optim.lr_scale)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", name, "no CUDA device is visible here; use cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-@dataclass
-class EpochEvent:
-    """What a callback receives after every epoch. `metrics` are flat scalars for trackers."""
-
-    epoch: int
-    epochs: int
-    record: dict[str, Any]
-    metrics: dict[str, float]
-    checkpoint_path: Path | None
 
 
 @dataclass
@@ -436,29 +196,8 @@ class Search:
         torch.set_rng_state(state["torch_rng"])
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A search checkpoint, read without executing code (`weights_only=True`)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def save_atomic(state: Mapping[str, Any], path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(state), tmp)
-    os.replace(tmp, path)
-
-
 def _check_resumable(saved: Mapping[str, Any], config: SearchConfig, path: Path) -> None:
-    old = {k: v for k, v in flatten_mapping(saved).items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in flatten_mapping(config.to_dict()).items() if k not in _RESUME_FREE}
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        key = changed[0]
-        raise ConfigError(
-            key,
-            new.get(key),
-            f"{path} holds a search with {key}={old.get(key)!r}; resume it with the same config or use another output directory",
-        )
+    check_resumable(saved, config.to_dict(), RESUME_FREE, path, "search")
 
 
 def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
@@ -567,7 +306,7 @@ def _train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     terms: dict[str, torch.Tensor] = {}
-    bar = _progress(steps, f"epoch {epoch}/{config.epochs}", progress)
+    bar = progress_bar(steps, f"epoch {epoch}/{config.epochs}", progress)
     for step, train_batch in enumerate(train_stream):
         loss, logits, info = search.step(train_batch, next(valid_stream), loss_weights, lr)
         labels = train_batch[1]
@@ -597,27 +336,6 @@ def _train_epoch(
         )
     stats["loss_terms"] = {k: v.item() for k, v in terms.items()}
     return stats
-
-
-class _PhaseClock:
-    """Seconds per named phase of an epoch, lap by lap."""
-
-    def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = now - self._last
-        self._last = now
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def write_artifacts(
@@ -688,7 +406,7 @@ def run_search(
         loss_weights = config.loss.weights_at(epoch, config.epochs)
         # Wall time per phase; each phase ends by reading a value from the device, so on a GPU
         # the times are those of the work itself, not of queueing it.
-        clock = _PhaseClock()
+        clock = PhaseClock()
         stats = _train_epoch(search, data, epoch, lr, loss_weights, progress)
         clock.lap("train")
         with torch.no_grad():

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nas.config import ConfigError, apply_overrides, flatten_mapping, from_dict, load_yaml, set_dotted, to_dict
-from nas.search import SearchConfig
+from nas.settings import SearchConfig
 
 from .storage import check_storage_text
 

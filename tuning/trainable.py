@@ -26,7 +26,9 @@ import torch
 from ray import tune
 
 from nas.network import EvalNetwork, count_parameters
-from nas.search import CHECKPOINT, EpochEvent, SearchConfig, SearchDiverged, arch_lr_scale, run_search, steps_per_epoch
+from nas.runtime import CHECKPOINT, EpochEvent
+from nas.search import SearchDiverged, run_search
+from nas.settings import SearchConfig, arch_lr_scale, steps_per_epoch
 
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import FINAL_METRICS, method_label, trial_search
