@@ -25,12 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import metrics as m
 from .architect import Architect
 from .config import ConfigError
 from .data import SearchData, batches, make_search_data, stream_generator
-from .discretize import BoundSupernet, DiscretizedNetwork, accuracy, discretization_metrics
+from .discretize import BoundSupernet, accuracy
 from .genotype import Genotype, derive_genotype
-from .losses import entropy, warmup_epoch
+from .losses import warmup_epoch
 from .runtime import (
     CHECKPOINT,
     RESULT,
@@ -163,7 +164,7 @@ class Search:
     def discretize(self, genotype: Genotype, data: SearchData) -> dict[str, float]:
         """Supernet and discretized accuracies of `genotype` on the evaluation set (docs/science.md D4)."""
         config = self.config
-        return discretization_metrics(
+        return m.discretization_metrics(
             self.supernet, self.arch, genotype, data.eval, data.train,
             recal_batches=config.discretize.bn_recal_batches, batch_size=config.batch_size, seed=config.seed,
         )  # fmt: skip
@@ -212,83 +213,6 @@ def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
     return SearchResult.from_dict(stored, out)
 
 
-def _diagnostics(search: Search, genotype: Genotype) -> dict[str, Any]:
-    """Softmax(alpha), beta, edge weights, entropies and skip counts per level (docs/science.md D7)."""
-    arch, space = search.arch, search.space
-    with torch.no_grad():
-        op_weights = arch.op_weights()
-        record: dict[str, Any] = {
-            "softmax_alpha": {name: op_weights[i].cpu().tolist() for i, name in enumerate(space.level_names)},
-            "op_entropy_per_edge": {
-                name: entropy(op_weights[i]).mean().item() for i, name in enumerate(space.level_names)
-            },
-            "max_op_weight": {
-                name: op_weights[i].max(dim=1).values.mean().item() for i, name in enumerate(space.level_names)
-            },
-            "genotype": genotype.to_dict()["levels"],
-            "skip_connect": genotype.skip_counts(),
-        }
-        if arch.betas:
-            record["beta"] = {
-                name: [arch.betas[slot].cpu().tolist() for _, slot in arch.beta_groups(i)]
-                for i, name in enumerate(space.level_names)
-            }
-            record["edge_weights"] = {
-                name: (w.cpu().tolist() if (w := arch.level_edge_weights(i)) is not None else [1.0] * space.num_edges)
-                for i, name in enumerate(space.level_names)
-            }
-    return record
-
-
-def convergence_metrics(arch: Architecture, genotype: Genotype) -> dict[str, float]:
-    """How far the architecture moved: `max_op_weight`, the mean over edges and levels of the
-    largest op weight (1: one-hot, 1/ops: uniform); with beta, `kept_edge_share`, the mean over edge
-    groups of the share of the group's edge weight that its kept edges hold (1: the dropped edges
-    already weigh nothing, as discretization assumes)."""
-    with torch.no_grad():
-        op_weights = arch.op_weights()
-        metrics = {"max_op_weight": torch.stack([w.max(dim=1).values.mean() for w in op_weights]).mean().item()}
-        shares = []
-        for level, cell in enumerate(genotype.levels.values()):
-            kept = {arch.space.node_edges(j).start + i for j, node in enumerate(cell.nodes) for _, i in node}
-            weights = arch.level_edge_weights(level)
-            for group, _ in arch.beta_groups(level):
-                total = sum(float(weights[e]) for e in group.edges)
-                shares.append(sum(float(weights[e]) for e in group.edges if e in kept) / total)
-        if shares:
-            metrics["kept_edge_share"] = sum(shares) / len(shares)
-    return metrics
-
-
-def _flat_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    metrics = {
-        key: float(record[key])
-        for key in (
-            "train_acc",
-            "train_loss",
-            "arch_ce",
-            "valid_acc",
-            "valid_loss",
-            "discretized_acc",
-            "drop",
-            "lr",
-            "alpha_lr",
-            "beta_lr",
-            "seconds",
-        )
-    }
-    for name, value in record["loss_terms"].items():
-        metrics[name] = float(value)
-    for name, value in record["loss_weights"].items():
-        metrics[f"weight_{name}"] = float(value)
-    for phase, seconds in record.get("phase_seconds", {}).items():
-        metrics[f"seconds_{phase}"] = float(seconds)
-    for key in ("skip_connect", "op_entropy_per_edge", "max_op_weight"):
-        for level, value in record[key].items():
-            metrics[f"{key}/{level}"] = float(value)
-    return metrics
-
-
 def _train_epoch(
     search: Search, data: SearchData, epoch: int, lr: float, loss_weights, progress: bool
 ) -> dict[str, float]:
@@ -323,9 +247,9 @@ def _train_epoch(
     if bar is not None:
         bar.close()
     stats = {
-        "train_loss": (loss_sum / seen).item(),
-        "train_acc": 100.0 * correct.item() / seen,
-        "arch_ce": (arch_ce_sum / seen).item(),
+        m.TRAIN_LOSS: (loss_sum / seen).item(),
+        m.TRAIN_ACC: 100.0 * correct.item() / seen,
+        m.ARCH_CE: (arch_ce_sum / seen).item(),
     }
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     bad += [f"alpha[{i}]" for i, a in enumerate(arch.alphas) if not torch.isfinite(a).all()]
@@ -414,25 +338,24 @@ def run_search(
         valid_acc, valid_loss = accuracy(bound, data.eval)
         clock.lap("eval")
         genotype = derive_genotype(search.arch)
-        trained_edges = [None if w is None else w.detach() for w in bound.weights.edges]
-        discretized_acc, _ = accuracy(DiscretizedNetwork(search.supernet, genotype, trained_edges), data.eval)
+        discretized_acc = m.discretized_accuracy(search.supernet, genotype, bound.weights, data.eval)
         clock.lap("discretize")
-        diagnostics = _diagnostics(search, genotype)
+        diagnostics = m.architecture_diagnostics(search.arch, genotype)
         clock.lap("diagnostics")
         record = {
             "epoch": epoch,
-            "lr": lr,
-            "alpha_lr": alpha_lr,
-            "beta_lr": search.beta_lr if search.arch.betas else 0.0,
+            m.LR: lr,
+            m.ALPHA_LR: alpha_lr,
+            m.BETA_LR: search.beta_lr if search.arch.betas else 0.0,
             **stats,
             "loss_weights": loss_weights,
-            "valid_acc": valid_acc,
-            "valid_loss": valid_loss,
+            m.VALID_ACC: valid_acc,
+            m.VALID_LOSS: valid_loss,
             # trained edge weights, stored BN statistics: the final `discretized_acc` at the last epoch
-            "discretized_acc": discretized_acc,
-            "drop": valid_acc - discretized_acc,
+            m.DISCRETIZED_ACC: discretized_acc,
+            m.DROP: valid_acc - discretized_acc,
             **diagnostics,
-            "seconds": time.perf_counter() - epoch_started,
+            m.SECONDS: time.perf_counter() - epoch_started,
             "phase_seconds": clock.laps,
         }
         history.append(record)
@@ -440,19 +363,19 @@ def run_search(
             "epoch %d/%d  train %.2f%%  supernet %.2f%%  discretized %.2f%%  arch CE %.3f  skips %s  %.1fs",
             epoch,
             config.epochs,
-            record["train_acc"],
+            record[m.TRAIN_ACC],
             valid_acc,
             discretized_acc,
-            record["arch_ce"],
-            record["skip_connect"],
-            record["seconds"],
+            record[m.ARCH_CE],
+            record[m.SKIP_CONNECT],
+            record[m.SECONDS],
         )
         checkpoint_path = None
         if out is not None:
             checkpoint_path = out / CHECKPOINT
             save_atomic(search.state(epoch, history), checkpoint_path)
             clock.lap("checkpoint")
-        event = EpochEvent(epoch, config.epochs, record, _flat_metrics(record), checkpoint_path)
+        event = EpochEvent(epoch, config.epochs, record, m.epoch_metrics(record), checkpoint_path)
         for callback in callbacks:
             callback(event)
         if callbacks:
@@ -461,7 +384,7 @@ def run_search(
     final_started = time.perf_counter()
     genotype = derive_genotype(search.arch)
     metrics = search.discretize(genotype, data)
-    metrics.update(convergence_metrics(search.arch, genotype))
+    metrics.update(m.convergence_metrics(search.arch, genotype))
     info = {
         "final_metrics_seconds": time.perf_counter() - final_started,
         "target": search.target.describe(),
@@ -477,10 +400,10 @@ def run_search(
     result = SearchResult(config, history, genotype, metrics, info, out)
     log.info(
         "done: supernet %.2f%%, discretized %.2f%% (drop %.2f), after BN recalibration %.2f%%; genotype\n%s",
-        metrics["supernet_acc"],
-        metrics["discretized_acc"],
-        metrics["drop"],
-        metrics["discretized_bn_recal_acc"],
+        metrics[m.SUPERNET_ACC],
+        metrics[m.DISCRETIZED_ACC],
+        metrics[m.DROP],
+        metrics[m.DISCRETIZED_BN_RECAL_ACC],
         genotype.describe(),
     )
     if out is not None:

@@ -32,28 +32,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nas.config import ConfigError, apply_overrides, flatten_mapping, from_dict, load_yaml, set_dotted, to_dict
+from nas.metrics import EPOCH_METRICS, FINAL_METRICS
 from nas.settings import SearchConfig
 
 from .storage import check_storage_text
-
-# Metrics a trial reports at its end (nas.discretize.discretization_metrics), plus the derived
-# network's size; per-epoch metrics (valid_acc, train_acc, ...) are reported every epoch.
-FINAL_METRICS = (
-    "supernet_acc",
-    "discretized_acc",
-    "drop",
-    "discretized_bn_recal_acc",
-    "drop_bn_recal",
-    "discretized_unit_edges_acc",
-    "drop_unit_edges",
-    "discretized_unit_edges_bn_recal_acc",
-    "drop_unit_edges_bn_recal",
-    "supernet_bn_recal_acc",
-    "max_op_weight",
-    "kept_edge_share",
-    "params",
-)
-EPOCH_METRICS = ("valid_acc", "valid_loss", "train_acc", "train_loss", "arch_ce", "discretized_acc", "drop")
 
 
 @dataclass
