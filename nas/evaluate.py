@@ -42,6 +42,7 @@ from .data import (
 )
 from .genotype import Genotype
 from .network import EvalNetwork, count_macs, count_parameters
+from .ops import check_even_channels
 from .runtime import (
     CHECKPOINT,
     RESULT,
@@ -129,8 +130,7 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self, path: str = "") -> None:
-        if self.channels % 2:
-            raise ConfigError("channels", self.channels, "must be even (factorized reductions halve it)")
+        check_even_channels(self.channels, "channels")
         if self.dataset == "cifar10" and self.image_size not in CIFAR_SIZES:
             raise ConfigError(
                 "image_size",

@@ -19,10 +19,11 @@ from . import config as cfg
 from .config import ConfigError
 from .data import CIFAR_TRAIN_SIZE, DataConfig
 from .losses import LossConfig
-from .ops import OP_LISTS
+from .ops import check_even_channels, op_list
 from .presets import PRESETS
 from .runtime import RuntimeConfig
-from .space import SearchSpace, Target
+from .space import AlphaSharing, SearchSpace, Target, TargetSpec
+from .supernet import check_beta_swap
 
 # Architecture steps of the reference search: 50 epochs of ceil(25000 / 64) batches.
 REFERENCE_ARCH_STEPS = 50 * math.ceil(25_000 / 64)
@@ -104,9 +105,11 @@ class SearchConfig:
     batch_size: int = field(default=64, metadata={"min": 2})
     order: Literal["first", "second"] = "first"
     ops: str | tuple[str, ...] = "darts"
-    alpha_sharing: Literal["global", "stage", "cell"] = "global"
+    alpha_sharing: AlphaSharing = "global"
     edge_params: bool = False
-    target: Any = (2, 2, 2, 2)
+    # As written (`[2, 2, 2, 2]`, `3 of 14`, per cell type or level); validate() stores its
+    # canonical form, and resolved_target() the parsed Target.
+    target: TargetSpec = (2, 2, 2, 2)
     model: ModelConfig = field(default_factory=ModelConfig)
     alpha: AlphaConfig = field(default_factory=AlphaConfig)
     beta: BetaConfig = field(default_factory=BetaConfig)
@@ -145,13 +148,13 @@ class SearchConfig:
         return cls.from_dict(merged)
 
     def validate(self, path: str = "") -> None:
-        if isinstance(self.ops, str) and self.ops not in OP_LISTS:
-            raise ConfigError("ops", self.ops, f"expected one of {', '.join(OP_LISTS)} or a list of op names")
-        if self.model.channels % 2:
-            raise ConfigError("model.channels", self.model.channels, "must be even (factorized reductions halve it)")
-        space = self.space()
-        target = Target.parse(self.target, space)
+        """Relations between fields; the op list, the space and the target are checked by building
+        them (nas.ops, SearchSpace, Target.parse), once: the objects are kept for the search."""
+        self.op_names()
+        check_even_channels(self.model.channels, "model.channels")
+        target = self.resolved_target()
         self.target = target.to_spec()
+        self._target = (self.target, target)
         if not self.edge_params:
             for name in ("edge_entropy", "edge_count"):
                 if getattr(self.loss, name).weight > 0:
@@ -161,20 +164,29 @@ class SearchConfig:
                         "needs edge_params: true (beta); set it to 0",
                     )
         if self.beta.swap_bug:
-            if self.alpha_sharing != "global" or not self.edge_params:
-                raise ConfigError("beta.swap_bug", True, "exists only with alpha_sharing: global and edge_params: true")
-            if target.cells[0] != target.cells[1]:
-                raise ConfigError("beta.swap_bug", True, "needs the same target for normal and reduction cells")
+            check_beta_swap(target.space, target, self.edge_params)
 
     # ----------------------------------------------------------------- derived objects
+    # The space and the target are built once and kept (as plain attributes, not fields: to_dict,
+    # equality and pickling see the settings only); a changed field builds them anew.
     def op_names(self) -> tuple[str, ...]:
-        return OP_LISTS[self.ops] if isinstance(self.ops, str) else tuple(self.ops)
+        return op_list(self.ops)
 
     def space(self) -> SearchSpace:
-        return SearchSpace(self.op_names(), self.model.nodes, self.model.cells, self.alpha_sharing)
+        key = (self.op_names(), self.model.nodes, self.model.cells, self.alpha_sharing)
+        kept = self.__dict__.get("_space")
+        if kept is None or kept[0] != key:
+            kept = self._space = (key, SearchSpace(*key))
+        return kept[1]
 
     def resolved_target(self, space: SearchSpace | None = None) -> Target:
-        return Target.parse(self.target, space or self.space())
+        space = space or self.space()
+        kept = self.__dict__.get("_target")
+        if kept is not None and kept[0] == self.target and kept[1].space == space:
+            return kept[1]
+        target = Target.parse(self.target, space)
+        self._target = (self.target, target)
+        return target
 
     def to_dict(self) -> dict[str, Any]:
         return cfg.to_dict(self)

@@ -286,7 +286,7 @@ class SweepConfig:
             self.evaluate.mode = self.evaluate.mode or "max"
         if self.method_label:
             try:
-                method_label(self.method_label, self.resolve_trial({}).to_dict())
+                method_label(self.method_label, self.base_search().to_dict())
             except KeyError as err:
                 raise ConfigError("method_label", self.method_label, f"names no SearchConfig field {err}") from None
 
@@ -310,13 +310,20 @@ class SweepConfig:
     def resolve_trial(self, params: Mapping[str, Any]) -> SearchConfig:
         return SearchConfig.resolve(file=self.trial_search_dict(params))
 
+    def base_search(self) -> SearchConfig:
+        """The fixed settings (`search:`) as a SearchConfig, resolved once; the driver reads the
+        epochs, the levels and the method label from it. Not to be changed by the caller."""
+        kept = self.__dict__.get("_base_search")
+        if kept is None or kept[0] != self.search:
+            kept = self._base_search = (copy.deepcopy(self.search), self.resolve_trial({}))
+        return kept[1]
+
     def check_search_configs(self) -> None:
         """Every fixed setting, and every value each space entry can take, against SearchConfig."""
         try:
-            base = self.resolve_trial({})
+            self.base_search()
         except ConfigError as err:
             raise ConfigError(f"search.{err.field}", err.value, err.allowed) from None
-        del base
         if self.sampler_type() == "grid" and self.grid_size() <= 64:
             points = [dict(zip(self.grid(), combo)) for combo in itertools.product(*self.grid().values())]
             for point in points:

@@ -305,7 +305,7 @@ def present_experiment(client, experiment_id: str, sweep, parent_run_id: str) ->
     start, so that the link works while it runs)."""
     from .tracking import retrying
 
-    search = sweep.resolve_trial({})
+    search = sweep.base_search()
     key, value = view_tag(tuple(level.name for level in search.space().levels), search.epochs)
     note = experiment_note(sweep.name, sweep.description, experiment_id, parent_run_id)
     retrying(lambda: client.set_experiment_tag(experiment_id, key, value), "tag experiment")

@@ -8,6 +8,7 @@ from the sweep's directory and finishes it without repeating finished trials.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -259,7 +260,7 @@ def _check_data(search: dict[str, Any]) -> None:
 
 def _resolved_search(sweep: SweepConfig, base: Path) -> dict[str, Any]:
     """The fixed settings with the data root made absolute (trials run in their own directories)."""
-    search = yaml.safe_load(yaml.safe_dump(sweep.search))  # a plain copy
+    search = copy.deepcopy(sweep.search)
     data = search.setdefault("data", {})
     if data.get("dataset", "cifar10") == "cifar10":
         data["root"] = str((base / resolve_root(data.get("root"))).resolve())
@@ -533,7 +534,7 @@ def run_sweep(
                 sampler=make_sampler(sweep),
             )
             if sweep.scheduler.type == "asha":
-                epochs = sweep.resolve_trial({}).epochs
+                epochs = sweep.base_search().epochs
                 scheduler = ASHAScheduler(
                     time_attr="training_iteration",
                     metric=sweep.scheduler.metric,
@@ -560,7 +561,7 @@ def run_sweep(
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[
                         RunFinalizer(tracking_uri, experiment_id),
-                        ProgressPrinter(sweep.resolve_trial({}).epochs),
+                        ProgressPrinter(sweep.base_search().epochs),
                         preflight.WaitingTrials({"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}),
                     ],
                     # Ray's own status table stays off: ProgressPrinter reports what matters here.
