@@ -89,13 +89,13 @@ class DiscretizedNetwork(nn.Module):
 class BoundSupernet(nn.Module):
     """The supernet with fixed architecture weights, as a plain image -> logits module."""
 
-    def __init__(self, supernet: Supernet, weights):
+    def __init__(self, supernet: Supernet, arch_weights):
         super().__init__()
         self.supernet = supernet
-        self.weights = weights
+        self.arch_weights = arch_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.supernet(x, self.weights)
+        return self.supernet(x, self.arch_weights)
 
 
 @torch.no_grad()

@@ -83,15 +83,17 @@ FINAL_METRICS = (
 EPOCH_METRICS = (VALID_ACC, VALID_LOSS, TRAIN_ACC, TRAIN_LOSS, ARCH_CE, DISCRETIZED_ACC, DROP)
 
 
-def trained_edge_weights(weights: ArchWeights) -> list[torch.Tensor | None]:
+def trained_edge_weights(arch_weights: ArchWeights) -> list[torch.Tensor | None]:
     """The edge weights the method trained, per level, detached (None: no edge parameters)."""
-    return [None if w is None else w.detach() for w in weights.edges]
+    return [None if w is None else w.detach() for w in arch_weights.edges]
 
 
-def discretized_accuracy(supernet: Supernet, genotype: Genotype, weights: ArchWeights, eval_set: ImageSet) -> float:
+def discretized_accuracy(
+    supernet: Supernet, genotype: Genotype, arch_weights: ArchWeights, eval_set: ImageSet
+) -> float:
     """`discretized_acc`: the discretized network's accuracy with the trained edge weights and the
     supernet's stored BN statistics (docs/science.md D4)."""
-    acc, _ = accuracy(DiscretizedNetwork(supernet, genotype, trained_edge_weights(weights)), eval_set)
+    acc, _ = accuracy(DiscretizedNetwork(supernet, genotype, trained_edge_weights(arch_weights)), eval_set)
     return acc
 
 
@@ -108,9 +110,9 @@ def discretization_metrics(
     """Supernet accuracy and the discretized accuracy of `genotype`, with trained and unit edge
     weights, each with and without BN recalibration, and the drops (percentage points)."""
     with torch.no_grad():
-        weights = arch()
-    supernet_model = BoundSupernet(supernet, weights)
-    trained = DiscretizedNetwork(supernet, genotype, trained_edge_weights(weights))
+        arch_weights = arch()
+    supernet_model = BoundSupernet(supernet, arch_weights)
+    trained = DiscretizedNetwork(supernet, genotype, trained_edge_weights(arch_weights))
     unit_edges = DiscretizedNetwork(supernet, genotype, None)
 
     def recalibrated(model: torch.nn.Module) -> float:

@@ -126,9 +126,9 @@ class Search:
             beta_swap_bug=config.beta.swap_bug,
             generator=torch.Generator().manual_seed(config.seed),
         ).to(device)
-        w = config.weights
+        sgd = config.weights
         weight_optimizer = torch.optim.SGD(
-            supernet.parameters(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay
+            supernet.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
         )
         scale = arch_lr_scale(config, steps_per_epoch)
         alpha_lr, beta_lr = config.alpha.lr * scale, config.beta.lr * scale
@@ -141,7 +141,7 @@ class Search:
             groups, betas=tuple(config.arch_optim.betas), weight_decay=config.arch_optim.weight_decay
         )
         architect = Architect(
-            supernet, arch, arch_optimizer, config.order, w.momentum, w.weight_decay,
+            supernet, arch, arch_optimizer, config.order, sgd.momentum, sgd.weight_decay,
             level_weighting=config.loss.level_weighting,
         )  # fmt: skip
         return cls(
@@ -174,8 +174,8 @@ class Search:
         images, labels = batch
         self.weight_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            weights = self.arch()
-        logits = self.supernet(images, weights)
+            arch_weights = self.arch()
+        logits = self.supernet(images, arch_weights)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         if self.config.weights.grad_clip is not None:
@@ -338,7 +338,7 @@ def run_search(
         valid_acc, valid_loss = accuracy(bound, data.eval)
         clock.lap("eval")
         genotype = derive_genotype(search.arch)
-        discretized_acc = m.discretized_accuracy(search.supernet, genotype, bound.weights, data.eval)
+        discretized_acc = m.discretized_accuracy(search.supernet, genotype, bound.arch_weights, data.eval)
         clock.lap("discretize")
         diagnostics = m.architecture_diagnostics(search.arch, genotype)
         clock.lap("diagnostics")

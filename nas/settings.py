@@ -83,6 +83,10 @@ class ArchOptimConfig:
 
 @dataclass
 class WeightOptimConfig:
+    """SGD of the supernet's weights (the `weights:` section of a config). Not to be confused with
+    the architecture weights (softmax of alpha, edge weights of beta: ArchWeights) or the loss
+    terms' weights (`loss_weights`, LossConfig.weights_at)."""
+
     lr: float = field(default=0.025, metadata={"gt": 0.0})
     lr_min: float = field(default=0.001, metadata={"min": 0.0})
     momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
