@@ -378,7 +378,7 @@ def drop_vs_error_text(trials: Sequence[TrialRecord], dataset: str = "cifar10") 
     if not found:
         return ""
     key = f"{dataset}_test_error"
-    metrics = ("supernet_acc", "discretized_acc", "drop", "drop_bn_recal")
+    metrics = (SUPERNET_ACC, DISCRETIZED_ACC, DROP, DROP_BN_RECAL)
     lines = [
         f"## Search vs. retrained accuracy ({dataset})\n",
         "| method | target | seed | supernet | discretized | drop | drop BN recal | retrained test acc |",
@@ -389,8 +389,8 @@ def drop_vs_error_text(trials: Sequence[TrialRecord], dataset: str = "cifar10") 
         lines.append(f"| {t.method} | {t.target} | {t.seed} | {' | '.join(cells)} | {_number(100 - t.metrics[key])} |")
     lines.append("")
     accuracy = [100 - t.metrics[key] for t in found]
-    for metric, label in (("drop", "drop"), ("drop_bn_recal", "drop after BN recalibration"),
-                          ("supernet_acc", "supernet accuracy"), ("discretized_acc", "discretized accuracy")):  # fmt: skip
+    for metric, label in ((DROP, "drop"), (DROP_BN_RECAL, "drop after BN recalibration"),
+                          (SUPERNET_ACC, "supernet accuracy"), (DISCRETIZED_ACC, "discretized accuracy")):  # fmt: skip
         pairs = [(t.metrics[metric], a) for t, a in zip(found, accuracy) if metric in t.metrics]
         rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
         lines.append(
@@ -414,8 +414,8 @@ def plot_drop_vs_error(
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), sharey=True)
     methods = [m for m in METHOD_ORDER if any(t.method == m for t in found)]
     methods += sorted({t.method for t in found} - set(methods))
-    for ax, metric, label in ((axes[0], "drop", "drop (stored BN statistics)"),
-                              (axes[1], "drop_bn_recal", "drop after BN recalibration")):  # fmt: skip
+    for ax, metric, label in ((axes[0], DROP, "drop (stored BN statistics)"),
+                              (axes[1], DROP_BN_RECAL, "drop after BN recalibration")):  # fmt: skip
         for method in methods:
             points = [(t.metrics[metric], 100 - t.metrics[f"{dataset}_test_error"])
                       for t in found if t.method == method and metric in t.metrics]  # fmt: skip
