@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nas.config import ConfigError  # noqa: E402
-from nas.search import SearchConfig  # noqa: E402
+from nas.settings import SearchConfig  # noqa: E402
 
 SEARCH_CASES = [
     ("unknown key", ["epoch=3"]),

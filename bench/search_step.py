@@ -165,7 +165,8 @@ def reference_steps(name: str, reference_dir: str, device):
 
 
 def project_steps(name: str, mode: str, preset: str, device):
-    from nas.search import Search, SearchConfig
+    from nas.search import Search
+    from nas.settings import SearchConfig
 
     overrides = [f"{k}={v}" for k, v in CONFIGS[name].items()] + [f"device={device.type}"] + MODES[mode]
     config = SearchConfig.resolve(preset, overrides=overrides)

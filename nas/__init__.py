@@ -4,7 +4,9 @@ search in one supernet, in plain PyTorch."""
 from .config import ConfigError
 from .data import DataConfig, SearchData, make_search_data
 from .genotype import PUBLISHED, CellGenotype, Genotype, derive_genotype
-from .search import EpochEvent, SearchConfig, SearchDiverged, SearchResult, rederive, run_search
+from .runtime import EpochEvent
+from .search import SearchDiverged, SearchResult, rederive, run_search
+from .settings import SearchConfig
 from .space import SearchSpace, Target
 from .supernet import Architecture, Supernet
 

@@ -13,15 +13,27 @@ from .config import ConfigError
 from .data import DataNotFoundError
 from .evaluate import MOBILE_MACS, EvalConfig, run_evaluation
 from .genotype import PUBLISHED, resolve_genotype
+from .metrics import (
+    DISCRETIZED_ACC,
+    DISCRETIZED_BN_RECAL_ACC,
+    DISCRETIZED_UNIT_EDGES_ACC,
+    DISCRETIZED_UNIT_EDGES_BN_RECAL_ACC,
+    DROP,
+    DROP_BN_RECAL,
+    DROP_UNIT_EDGES,
+    DROP_UNIT_EDGES_BN_RECAL,
+    SUPERNET_ACC,
+)
 from .network import network_info
-from .search import SearchConfig, SearchDiverged, rederive, run_search
+from .search import SearchDiverged, rederive, run_search
+from .settings import SearchConfig
 
 METRIC_ROWS = (
-    ("supernet (mixed ops)", "supernet_acc", None),
-    ("discretized, trained edge weights", "discretized_acc", "drop"),
-    ("  after BN recalibration", "discretized_bn_recal_acc", "drop_bn_recal"),
-    ("discretized, kept edges at weight 1", "discretized_unit_edges_acc", "drop_unit_edges"),
-    ("  after BN recalibration", "discretized_unit_edges_bn_recal_acc", "drop_unit_edges_bn_recal"),
+    ("supernet (mixed ops)", SUPERNET_ACC, None),
+    ("discretized, trained edge weights", DISCRETIZED_ACC, DROP),
+    ("  after BN recalibration", DISCRETIZED_BN_RECAL_ACC, DROP_BN_RECAL),
+    ("discretized, kept edges at weight 1", DISCRETIZED_UNIT_EDGES_ACC, DROP_UNIT_EDGES),
+    ("  after BN recalibration", DISCRETIZED_UNIT_EDGES_BN_RECAL_ACC, DROP_UNIT_EDGES_BN_RECAL),
 )
 
 

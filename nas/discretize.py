@@ -1,5 +1,5 @@
 """The discretized network built from the trained supernet, and its accuracy without fine-tuning
-(docs/science.md §5.1 and D4).
+(docs/science.md §5.1 and D4). nas.metrics turns these into the reported metrics.
 
 Each kept edge computes only its chosen op, with the supernet's trained op module; dropped edges
 contribute exactly zero (they are not computed); stem, preprocessing and classifier are the
@@ -20,7 +20,7 @@ from torch import nn
 
 from .data import ImageSet, batches, stream_generator
 from .genotype import CellGenotype, Genotype
-from .supernet import Architecture, Supernet
+from .supernet import Supernet
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,13 @@ class DiscretizedNetwork(nn.Module):
 class BoundSupernet(nn.Module):
     """The supernet with fixed architecture weights, as a plain image -> logits module."""
 
-    def __init__(self, supernet: Supernet, weights):
+    def __init__(self, supernet: Supernet, arch_weights):
         super().__init__()
         self.supernet = supernet
-        self.weights = weights
+        self.arch_weights = arch_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.supernet(x, self.weights)
+        return self.supernet(x, self.arch_weights)
 
 
 @torch.no_grad()
@@ -150,40 +150,19 @@ class _SavedBN:
         return False
 
 
-def discretization_metrics(
+def recalibrated_accuracy(
+    model: nn.Module,
     supernet: Supernet,
-    arch: Architecture,
-    genotype: Genotype,
     eval_set: ImageSet,
     recal_set: ImageSet,
     recal_batches: int = 20,
     batch_size: int = 64,
     seed: int = 0,
-) -> dict[str, float]:
-    """Supernet accuracy and the discretized accuracy of `genotype`, with trained and unit edge
-    weights, each with and without BN recalibration, and the drops (percentage points)."""
-    metrics: dict[str, float] = {}
-    with torch.no_grad():
-        weights = arch()
-    trained_edges = [None if w is None else w.detach() for w in weights.edges]
-    supernet_model = BoundSupernet(supernet, weights)
-    metrics["supernet_acc"], metrics["supernet_loss"] = accuracy(supernet_model, eval_set)
-    variants = {
-        "discretized": DiscretizedNetwork(supernet, genotype, trained_edges),
-        "discretized_unit_edges": DiscretizedNetwork(supernet, genotype, None),
-    }
-    for name, model in variants.items():
-        acc, _ = accuracy(model, eval_set)
-        metrics[f"{name}_acc"] = acc
-        with _SavedBN(supernet):
-            stream = batches(recal_set, batch_size, stream_generator(seed, 0, 7), augment=True, cycle=True)
-            recalibrate_bn(model, (b for _, b in zip(range(recal_batches), stream)))
-            metrics[f"{name}_bn_recal_acc"], _ = accuracy(model, eval_set)
+) -> float:
+    """Accuracy (%) of `model` (built on `supernet`'s modules) after BN recalibration on
+    `recal_batches` augmented batches of `recal_set`; the supernet's BN statistics are restored."""
     with _SavedBN(supernet):
         stream = batches(recal_set, batch_size, stream_generator(seed, 0, 7), augment=True, cycle=True)
-        recalibrate_bn(supernet_model, (b for _, b in zip(range(recal_batches), stream)))
-        metrics["supernet_bn_recal_acc"], _ = accuracy(supernet_model, eval_set)
-    supernet.eval()
-    for name in ("discretized", "discretized_bn_recal", "discretized_unit_edges", "discretized_unit_edges_bn_recal"):
-        metrics[name.replace("discretized", "drop")] = metrics["supernet_acc"] - metrics[f"{name}_acc"]
-    return metrics
+        recalibrate_bn(model, (b for _, b in zip(range(recal_batches), stream)))
+        acc, _ = accuracy(model, eval_set)
+    return acc

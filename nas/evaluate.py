@@ -42,23 +42,35 @@ from .data import (
 )
 from .genotype import Genotype
 from .network import EvalNetwork, count_macs, count_parameters
-from .search import EpochEvent, RuntimeConfig, cosine_lr, resolve_device, save_atomic
+from .ops import check_even_channels
+from .runtime import (
+    CHECKPOINT,
+    RESULT,
+    EpochEvent,
+    RuntimeConfig,
+    changed_settings,
+    check_resumable,
+    cosine_lr,
+    load_checkpoint,
+    progress_bar,
+    resolve_device,
+    save_atomic,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
-MOBILE_MACS = 600e6
+MOBILE_MACS = 600e6  # the ImageNet mobile setting's limit on multiply-adds
 CIFAR_SIZES = (32, 16, 8)  # 16 and 8: average-pooled, as the search data at data.resolution
-# Fields that change where and how fast, not what, an evaluation computes.
-_RESUME_FREE = (
+# Fields that change where and how fast, not what, an evaluation computes; a resumed evaluation
+# may differ in them.
+RESUME_FREE = (
     "data.root",
     "data.download",
     "data.workers",
     "device",
     "runtime.fused",
     "runtime.compile",
-)  # the ImageNet mobile setting's limit on multiply-adds
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -118,8 +130,7 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self, path: str = "") -> None:
-        if self.channels % 2:
-            raise ConfigError("channels", self.channels, "must be even (factorized reductions halve it)")
+        check_even_channels(self.channels, "channels")
         if self.dataset == "cifar10" and self.image_size not in CIFAR_SIZES:
             raise ConfigError(
                 "image_size",
@@ -292,10 +303,8 @@ def test_accuracy(model: EvalNetwork, data) -> tuple[float, float, float]:
 
 
 def _same_run(saved: Mapping[str, Any], config: EvalConfig) -> bool:
-    def key(data: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in cfg.flatten_mapping(data).items() if k not in _RESUME_FREE}
-
-    return key(saved) == key(config.to_dict())
+    """Whether a stored evaluation is this one (a finished one with other settings is run again)."""
+    return not changed_settings(saved, config.to_dict(), RESUME_FREE)
 
 
 def run_evaluation(
@@ -346,11 +355,8 @@ def run_evaluation(
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / CHECKPOINT
         if resume and checkpoint.exists():
-            state = torch.load(checkpoint, map_location=device, weights_only=True)
-            if not _same_run(state["config"], config):
-                raise ConfigError(
-                    "config", str(checkpoint), "holds an evaluation with other settings; use another output directory"
-                )
+            state = load_checkpoint(checkpoint, device)
+            check_resumable(state["config"], config.to_dict(), RESUME_FREE, checkpoint, "evaluation")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
@@ -375,11 +381,7 @@ def run_evaluation(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=data.train_steps(), desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True)
+        bar = progress_bar(data.train_steps(), f"epoch {epoch}/{config.epochs}", progress)
         for images, labels in data.train_batches(epoch):
             images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)

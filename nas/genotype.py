@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from .ops import OPS
+from .ops import check_op
 from .space import EdgeGroup, SearchSpace, Target
 from .supernet import Architecture
 
@@ -59,8 +59,7 @@ class CellGenotype:
     def check(self, path: str = "genotype") -> None:
         for j, node in enumerate(self.nodes):
             for op, i in node:
-                if op not in OPS:
-                    raise ConfigError(path, op, f"unknown op; allowed: {', '.join(OPS)}")
+                check_op(op, path)
                 if not 0 <= i < j + 2:
                     raise ConfigError(path, [op, i], f"node {j + 2} can only take inputs 0 to {j + 1}")
         for c in self.concat:

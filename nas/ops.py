@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 OpFactory = Callable[[int, int, bool], nn.Module]
 
 # Column order of alpha: the DARTS PRIMITIVES list, and the DA2S list without `none`.
@@ -85,8 +87,7 @@ class FactorizedReduce(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, affine: bool):
         super().__init__()
-        if c_out % 2:
-            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
+        check_even_channels(c_out, "FactorizedReduce c_out")
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
@@ -126,6 +127,28 @@ OPS: dict[str, OpFactory] = {
     "dil_conv_5x5": lambda c, stride, affine: DilConv(c, c, 5, stride, 4, 2, affine),
     "conv_7x1_1x7": lambda c, stride, affine: Conv7x1x1x7(c, stride, affine),
 }
+
+
+def op_list(spec: str | tuple[str, ...], path: str = "ops") -> tuple[str, ...]:
+    """The op names of a search: a named list (`darts`, `da2s`) or the names themselves (each is
+    checked where the space is built, with check_op)."""
+    if not isinstance(spec, str):
+        return tuple(spec)
+    if spec not in OP_LISTS:
+        raise ConfigError(path, spec, f"expected one of {', '.join(OP_LISTS)} or a list of op names")
+    return OP_LISTS[spec]
+
+
+def check_op(name: str, path: str = "ops") -> None:
+    """A ConfigError unless `name` is in the registry."""
+    if name not in OPS:
+        raise ConfigError(path, name, f"unknown op; allowed: {', '.join(OPS)}")
+
+
+def check_even_channels(channels: int, path: str) -> None:
+    """Factorized reductions halve the channels, so a network's channel count must be even."""
+    if channels % 2:
+        raise ConfigError(path, channels, "must be even (factorized reductions halve it)")
 
 
 def is_pooling(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""SearchConfig and run_search: one full supernet search, from data to discretized accuracy.
+"""run_search: one full supernet search, from data to discretized accuracy.
 
     config = SearchConfig.resolve(preset="da2s", overrides=["epochs=10", "target=3 of 14"])
     result = run_search(config, out_dir="runs/da2s")
@@ -17,281 +17,42 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import config as cfg
+from . import metrics as m
 from .architect import Architect
-from .config import ConfigError, flatten_mapping
-from .data import CIFAR_TRAIN_SIZE, DataConfig, SearchData, batches, make_search_data, stream_generator
-from .discretize import BoundSupernet, DiscretizedNetwork, accuracy, discretization_metrics
+from .config import ConfigError
+from .data import SearchData, batches, make_search_data, stream_generator
+from .discretize import BoundSupernet, accuracy
 from .genotype import Genotype, derive_genotype
-from .losses import LossConfig, entropy, warmup_epoch
-from .ops import OP_LISTS
-from .presets import PRESETS
+from .losses import warmup_epoch
+from .runtime import (
+    CHECKPOINT,
+    RESULT,
+    EpochEvent,
+    PhaseClock,
+    check_resumable,
+    cosine_lr,
+    load_checkpoint,
+    progress_bar,
+    resolve_device,
+    save_atomic,
+)
+from .settings import RESUME_FREE, SearchConfig, arch_lr_scale
 from .space import SearchSpace, Target
 from .supernet import Architecture, Supernet
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
-# Architecture steps of the reference search: 50 epochs of ceil(25000 / 64) batches.
-REFERENCE_ARCH_STEPS = 50 * math.ceil(25_000 / 64)
-# Fields that do not change what a search computes; a resumed search may differ in them.
-_RESUME_FREE = {
-    "device",
-    "data.root",
-    "data.download",
-    "runtime.fused",
-    "runtime.channels_last",
-    "runtime.amp",
-    "runtime.compile",
-}
-
 
 class SearchDiverged(RuntimeError):
     """A loss or an architecture parameter became NaN or infinite."""
-
-
-@dataclass
-class ModelConfig:
-    channels: int = field(default=16, metadata={"min": 2})
-    cells: int = field(default=8, metadata={"min": 1})
-    nodes: int = field(default=4, metadata={"min": 1})
-    stem_multiplier: int = field(default=3, metadata={"min": 1})
-
-
-@dataclass
-class AlphaConfig:
-    init_std: float = field(default=1e-3, metadata={"min": 0.0})
-    # DA2S's f(alpha): doubles the logits, and cubes them below -0.5.
-    sharpen: bool = False
-    lr: float = field(default=3e-4, metadata={"min": 0.0})
-    # Alpha's learning rate is 0 before epoch round(warmup * epochs) (DA2S: epoch 8 of 50).
-    warmup: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-
-
-@dataclass
-class BetaConfig:
-    init_noise: float = field(default=1e-4, metadata={"min": 0.0})
-    clip: float | None = 1.0
-    lr: float = field(default=3e-4, metadata={"min": 0.0})
-    # Reproduces the released DA2S code, which feeds beta_reduce to normal cells and vice versa.
-    swap_bug: bool = False
-
-
-@dataclass
-class ArchOptimConfig:
-    betas: tuple[float, ...] = (0.5, 0.999)
-    weight_decay: float = field(default=1e-3, metadata={"min": 0.0})
-    # Multiplies the alpha and beta learning rates; `auto` = reference steps / this run's steps
-    # (docs/science.md D8): a short search needs larger steps for alpha and beta to move.
-    lr_scale: float | Literal["auto"] = 1.0
-
-    def validate(self, path: str) -> None:
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"{path}.betas", list(self.betas), "expected two numbers in [0, 1)")
-        if self.lr_scale != "auto" and self.lr_scale <= 0:
-            raise ConfigError(f"{path}.lr_scale", self.lr_scale, "must be > 0 or 'auto'")
-
-
-@dataclass
-class WeightOptimConfig:
-    lr: float = field(default=0.025, metadata={"gt": 0.0})
-    lr_min: float = field(default=0.001, metadata={"min": 0.0})
-    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
-    weight_decay: float = field(default=3e-4, metadata={"min": 0.0})
-    grad_clip: float | None = field(default=5.0, metadata={"gt": 0.0})
-
-
-@dataclass
-class RuntimeConfig:
-    """How a search computes, not what: every setting gives the same result up to floating-point
-    round-off (tests/test_fused.py), so a search may resume under other ones. The defaults are the
-    fastest measured on each device (docs/gpu.md)."""
-
-    # The fused forward (nas/fused.py) instead of the DARTS-style loop over every op of every edge.
-    fused: bool = True
-    # channels-last tensors. Unset: on the CPU (oneDNN runs the grouped convolutions faster), not on
-    # CUDA, where cuDNN's weight gradients of the fused search's grouped 1x1 convolutions came out
-    # wrong in channels-last (docs/gpu.md); a search on CUDA refuses it.
-    channels_last: bool | None = None
-    # bf16 autocast for the forward. `auto`: float32 for the search everywhere (on an H200 its step
-    # is bound by kernel launches, and bf16's casts made it no faster); for the evaluation networks,
-    # bf16 on GPUs that compute it natively (compute capability >= 8.0: A100, A10G, L4, H100, ...)
-    # and float32 on the CPU and older GPUs (T4, V100), where bf16 is emulated and fp16 would need
-    # loss scaling. `bf16` forces it anywhere; `off` never.
-    amp: Literal["auto", "off", "bf16"] = "auto"
-    # torch.compile the supernet (in place; CUDA mainly: on CPU it needs a C++ compiler and minutes).
-    compile: bool = False
-
-    def autocast_dtype(self, device: torch.device, workload: Literal["search", "evaluate"] = "search"):
-        """The autocast dtype on `device`; None: float32, no autocast."""
-        if self.amp == "bf16":
-            return torch.bfloat16
-        if (
-            self.amp == "auto"
-            and workload == "evaluate"
-            and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (8, 0)
-        ):
-            return torch.bfloat16
-        return None
-
-    def memory_format(
-        self, device: torch.device, workload: Literal["search", "evaluate"] = "search"
-    ) -> torch.memory_format:
-        """channels-last where asked for, and when unset on the CPU only."""
-        if self.channels_last is None:
-            return torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        if self.channels_last and device.type == "cuda" and self.fused and workload == "search":
-            raise ConfigError(
-                "runtime.channels_last",
-                True,
-                "gives wrong convolution gradients in the fused search on CUDA (cuDNN, grouped 1x1 "
-                "convolutions in channels-last); leave it unset (contiguous on CUDA) or set false",
-            )
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-
-@dataclass
-class DiscretizeConfig:
-    bn_recal_batches: int = field(default=20, metadata={"min": 1})
-
-
-@dataclass
-class SearchConfig:
-    """Everything one search depends on. Defaults are the DARTS search settings."""
-
-    preset: Literal["darts", "da2s", "multilevel"] | None = None
-    seed: int = 2
-    epochs: int = field(default=50, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 2})
-    order: Literal["first", "second"] = "first"
-    ops: str | tuple[str, ...] = "darts"
-    alpha_sharing: Literal["global", "stage", "cell"] = "global"
-    edge_params: bool = False
-    target: Any = (2, 2, 2, 2)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    alpha: AlphaConfig = field(default_factory=AlphaConfig)
-    beta: BetaConfig = field(default_factory=BetaConfig)
-    arch_optim: ArchOptimConfig = field(default_factory=ArchOptimConfig)
-    weights: WeightOptimConfig = field(default_factory=WeightOptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    discretize: DiscretizeConfig = field(default_factory=DiscretizeConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    # ----------------------------------------------------------------- building
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SearchConfig:
-        return cfg.from_dict(cls, data)
-
-    @classmethod
-    def resolve(
-        cls,
-        preset: str | None = None,
-        file: str | os.PathLike | Mapping[str, Any] | None = None,
-        overrides: Iterable[str] = (),
-        data_root: str | None = None,
-    ) -> SearchConfig:
-        """Preset defaults, then the YAML file (a path or a mapping), then `--set` overrides; the
-        preset comes from the argument, else the file's `preset:`. `data_root` wins over data.root."""
-        raw = cfg.file_with_overrides(file, overrides)
-        preset = preset or raw.get("preset")
-        if preset is not None and preset not in PRESETS:
-            raise ConfigError("preset", preset, f"expected one of {', '.join(PRESETS)}")
-        merged = cfg.deep_merge(PRESETS.get(preset, {}), raw)
-        if preset is not None:
-            merged["preset"] = preset
-        if data_root:
-            merged.setdefault("data", {})["root"] = data_root
-        return cls.from_dict(merged)
-
-    def validate(self, path: str = "") -> None:
-        if isinstance(self.ops, str) and self.ops not in OP_LISTS:
-            raise ConfigError("ops", self.ops, f"expected one of {', '.join(OP_LISTS)} or a list of op names")
-        if self.model.channels % 2:
-            raise ConfigError("model.channels", self.model.channels, "must be even (factorized reductions halve it)")
-        space = self.space()
-        target = Target.parse(self.target, space)
-        self.target = target.to_spec()
-        if not self.edge_params:
-            for name in ("edge_entropy", "edge_count"):
-                if getattr(self.loss, name).weight > 0:
-                    raise ConfigError(
-                        f"loss.{name}.weight",
-                        getattr(self.loss, name).weight,
-                        "needs edge_params: true (beta); set it to 0",
-                    )
-        if self.beta.swap_bug:
-            if self.alpha_sharing != "global" or not self.edge_params:
-                raise ConfigError("beta.swap_bug", True, "exists only with alpha_sharing: global and edge_params: true")
-            if target.cells[0] != target.cells[1]:
-                raise ConfigError("beta.swap_bug", True, "needs the same target for normal and reduction cells")
-
-    # ----------------------------------------------------------------- derived objects
-    def op_names(self) -> tuple[str, ...]:
-        return OP_LISTS[self.ops] if isinstance(self.ops, str) else tuple(self.ops)
-
-    def space(self) -> SearchSpace:
-        return SearchSpace(self.op_names(), self.model.nodes, self.model.cells, self.alpha_sharing)
-
-    def resolved_target(self, space: SearchSpace | None = None) -> Target:
-        return Target.parse(self.target, space or self.space())
-
-    def to_dict(self) -> dict[str, Any]:
-        return cfg.to_dict(self)
-
-    def method(self) -> str:
-        """A short name of the method for tables: the preset, else a description of the fields."""
-        if self.preset:
-            return self.preset
-        return ("beta" if self.edge_params else "alpha") + f"-{self.alpha_sharing}"
-
-
-def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
-    """The weight learning rate of 1-based `epoch`: the reference steps its cosine schedule at the
-    start of every epoch, so epoch 1 already uses the value after one step and the last lr_min."""
-    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
-
-
-def steps_per_epoch(config: SearchConfig) -> int:
-    """Weight steps per epoch that the config's data split gives (ceil(train images / batch))."""
-    used = config.data.subset or CIFAR_TRAIN_SIZE
-    return math.ceil(math.floor(config.data.train_portion * used) / config.batch_size)
-
-
-def arch_lr_scale(config: SearchConfig, steps_per_epoch: int) -> float:
-    if config.arch_optim.lr_scale == "auto":
-        return REFERENCE_ARCH_STEPS / (config.epochs * steps_per_epoch)
-    return float(config.arch_optim.lr_scale)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", name, "no CUDA device is visible here; use cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-@dataclass
-class EpochEvent:
-    """What a callback receives after every epoch. `metrics` are flat scalars for trackers."""
-
-    epoch: int
-    epochs: int
-    record: dict[str, Any]
-    metrics: dict[str, float]
-    checkpoint_path: Path | None
 
 
 @dataclass
@@ -365,9 +126,9 @@ class Search:
             beta_swap_bug=config.beta.swap_bug,
             generator=torch.Generator().manual_seed(config.seed),
         ).to(device)
-        w = config.weights
+        sgd = config.weights
         weight_optimizer = torch.optim.SGD(
-            supernet.parameters(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay
+            supernet.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
         )
         scale = arch_lr_scale(config, steps_per_epoch)
         alpha_lr, beta_lr = config.alpha.lr * scale, config.beta.lr * scale
@@ -380,7 +141,7 @@ class Search:
             groups, betas=tuple(config.arch_optim.betas), weight_decay=config.arch_optim.weight_decay
         )
         architect = Architect(
-            supernet, arch, arch_optimizer, config.order, w.momentum, w.weight_decay,
+            supernet, arch, arch_optimizer, config.order, sgd.momentum, sgd.weight_decay,
             level_weighting=config.loss.level_weighting,
         )  # fmt: skip
         return cls(
@@ -403,7 +164,7 @@ class Search:
     def discretize(self, genotype: Genotype, data: SearchData) -> dict[str, float]:
         """Supernet and discretized accuracies of `genotype` on the evaluation set (docs/science.md D4)."""
         config = self.config
-        return discretization_metrics(
+        return m.discretization_metrics(
             self.supernet, self.arch, genotype, data.eval, data.train,
             recal_batches=config.discretize.bn_recal_batches, batch_size=config.batch_size, seed=config.seed,
         )  # fmt: skip
@@ -413,8 +174,8 @@ class Search:
         images, labels = batch
         self.weight_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            weights = self.arch()
-        logits = self.supernet(images, weights)
+            arch_weights = self.arch()
+        logits = self.supernet(images, arch_weights)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         if self.config.weights.grad_clip is not None:
@@ -436,29 +197,8 @@ class Search:
         torch.set_rng_state(state["torch_rng"])
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A search checkpoint, read without executing code (`weights_only=True`)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def save_atomic(state: Mapping[str, Any], path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(state), tmp)
-    os.replace(tmp, path)
-
-
 def _check_resumable(saved: Mapping[str, Any], config: SearchConfig, path: Path) -> None:
-    old = {k: v for k, v in flatten_mapping(saved).items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in flatten_mapping(config.to_dict()).items() if k not in _RESUME_FREE}
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        key = changed[0]
-        raise ConfigError(
-            key,
-            new.get(key),
-            f"{path} holds a search with {key}={old.get(key)!r}; resume it with the same config or use another output directory",
-        )
+    check_resumable(saved, config.to_dict(), RESUME_FREE, path, "search")
 
 
 def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
@@ -471,83 +211,6 @@ def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
         return None
     log.info("resuming %s: the search is finished; its result is in %s", out, out / RESULT)
     return SearchResult.from_dict(stored, out)
-
-
-def _diagnostics(search: Search, genotype: Genotype) -> dict[str, Any]:
-    """Softmax(alpha), beta, edge weights, entropies and skip counts per level (docs/science.md D7)."""
-    arch, space = search.arch, search.space
-    with torch.no_grad():
-        op_weights = arch.op_weights()
-        record: dict[str, Any] = {
-            "softmax_alpha": {name: op_weights[i].cpu().tolist() for i, name in enumerate(space.level_names)},
-            "op_entropy_per_edge": {
-                name: entropy(op_weights[i]).mean().item() for i, name in enumerate(space.level_names)
-            },
-            "max_op_weight": {
-                name: op_weights[i].max(dim=1).values.mean().item() for i, name in enumerate(space.level_names)
-            },
-            "genotype": genotype.to_dict()["levels"],
-            "skip_connect": genotype.skip_counts(),
-        }
-        if arch.betas:
-            record["beta"] = {
-                name: [arch.betas[slot].cpu().tolist() for _, slot in arch.beta_groups(i)]
-                for i, name in enumerate(space.level_names)
-            }
-            record["edge_weights"] = {
-                name: (w.cpu().tolist() if (w := arch.level_edge_weights(i)) is not None else [1.0] * space.num_edges)
-                for i, name in enumerate(space.level_names)
-            }
-    return record
-
-
-def convergence_metrics(arch: Architecture, genotype: Genotype) -> dict[str, float]:
-    """How far the architecture moved: `max_op_weight`, the mean over edges and levels of the
-    largest op weight (1: one-hot, 1/ops: uniform); with beta, `kept_edge_share`, the mean over edge
-    groups of the share of the group's edge weight that its kept edges hold (1: the dropped edges
-    already weigh nothing, as discretization assumes)."""
-    with torch.no_grad():
-        op_weights = arch.op_weights()
-        metrics = {"max_op_weight": torch.stack([w.max(dim=1).values.mean() for w in op_weights]).mean().item()}
-        shares = []
-        for level, cell in enumerate(genotype.levels.values()):
-            kept = {arch.space.node_edges(j).start + i for j, node in enumerate(cell.nodes) for _, i in node}
-            weights = arch.level_edge_weights(level)
-            for group, _ in arch.beta_groups(level):
-                total = sum(float(weights[e]) for e in group.edges)
-                shares.append(sum(float(weights[e]) for e in group.edges if e in kept) / total)
-        if shares:
-            metrics["kept_edge_share"] = sum(shares) / len(shares)
-    return metrics
-
-
-def _flat_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    metrics = {
-        key: float(record[key])
-        for key in (
-            "train_acc",
-            "train_loss",
-            "arch_ce",
-            "valid_acc",
-            "valid_loss",
-            "discretized_acc",
-            "drop",
-            "lr",
-            "alpha_lr",
-            "beta_lr",
-            "seconds",
-        )
-    }
-    for name, value in record["loss_terms"].items():
-        metrics[name] = float(value)
-    for name, value in record["loss_weights"].items():
-        metrics[f"weight_{name}"] = float(value)
-    for phase, seconds in record.get("phase_seconds", {}).items():
-        metrics[f"seconds_{phase}"] = float(seconds)
-    for key in ("skip_connect", "op_entropy_per_edge", "max_op_weight"):
-        for level, value in record[key].items():
-            metrics[f"{key}/{level}"] = float(value)
-    return metrics
 
 
 def _train_epoch(
@@ -567,7 +230,7 @@ def _train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     terms: dict[str, torch.Tensor] = {}
-    bar = _progress(steps, f"epoch {epoch}/{config.epochs}", progress)
+    bar = progress_bar(steps, f"epoch {epoch}/{config.epochs}", progress)
     for step, train_batch in enumerate(train_stream):
         loss, logits, info = search.step(train_batch, next(valid_stream), loss_weights, lr)
         labels = train_batch[1]
@@ -584,9 +247,9 @@ def _train_epoch(
     if bar is not None:
         bar.close()
     stats = {
-        "train_loss": (loss_sum / seen).item(),
-        "train_acc": 100.0 * correct.item() / seen,
-        "arch_ce": (arch_ce_sum / seen).item(),
+        m.TRAIN_LOSS: (loss_sum / seen).item(),
+        m.TRAIN_ACC: 100.0 * correct.item() / seen,
+        m.ARCH_CE: (arch_ce_sum / seen).item(),
     }
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     bad += [f"alpha[{i}]" for i, a in enumerate(arch.alphas) if not torch.isfinite(a).all()]
@@ -597,27 +260,6 @@ def _train_epoch(
         )
     stats["loss_terms"] = {k: v.item() for k, v in terms.items()}
     return stats
-
-
-class _PhaseClock:
-    """Seconds per named phase of an epoch, lap by lap."""
-
-    def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = now - self._last
-        self._last = now
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def write_artifacts(
@@ -688,7 +330,7 @@ def run_search(
         loss_weights = config.loss.weights_at(epoch, config.epochs)
         # Wall time per phase; each phase ends by reading a value from the device, so on a GPU
         # the times are those of the work itself, not of queueing it.
-        clock = _PhaseClock()
+        clock = PhaseClock()
         stats = _train_epoch(search, data, epoch, lr, loss_weights, progress)
         clock.lap("train")
         with torch.no_grad():
@@ -696,25 +338,24 @@ def run_search(
         valid_acc, valid_loss = accuracy(bound, data.eval)
         clock.lap("eval")
         genotype = derive_genotype(search.arch)
-        trained_edges = [None if w is None else w.detach() for w in bound.weights.edges]
-        discretized_acc, _ = accuracy(DiscretizedNetwork(search.supernet, genotype, trained_edges), data.eval)
+        discretized_acc = m.discretized_accuracy(search.supernet, genotype, bound.arch_weights, data.eval)
         clock.lap("discretize")
-        diagnostics = _diagnostics(search, genotype)
+        diagnostics = m.architecture_diagnostics(search.arch, genotype)
         clock.lap("diagnostics")
         record = {
             "epoch": epoch,
-            "lr": lr,
-            "alpha_lr": alpha_lr,
-            "beta_lr": search.beta_lr if search.arch.betas else 0.0,
+            m.LR: lr,
+            m.ALPHA_LR: alpha_lr,
+            m.BETA_LR: search.beta_lr if search.arch.betas else 0.0,
             **stats,
             "loss_weights": loss_weights,
-            "valid_acc": valid_acc,
-            "valid_loss": valid_loss,
+            m.VALID_ACC: valid_acc,
+            m.VALID_LOSS: valid_loss,
             # trained edge weights, stored BN statistics: the final `discretized_acc` at the last epoch
-            "discretized_acc": discretized_acc,
-            "drop": valid_acc - discretized_acc,
+            m.DISCRETIZED_ACC: discretized_acc,
+            m.DROP: valid_acc - discretized_acc,
             **diagnostics,
-            "seconds": time.perf_counter() - epoch_started,
+            m.SECONDS: time.perf_counter() - epoch_started,
             "phase_seconds": clock.laps,
         }
         history.append(record)
@@ -722,19 +363,19 @@ def run_search(
             "epoch %d/%d  train %.2f%%  supernet %.2f%%  discretized %.2f%%  arch CE %.3f  skips %s  %.1fs",
             epoch,
             config.epochs,
-            record["train_acc"],
+            record[m.TRAIN_ACC],
             valid_acc,
             discretized_acc,
-            record["arch_ce"],
-            record["skip_connect"],
-            record["seconds"],
+            record[m.ARCH_CE],
+            record[m.SKIP_CONNECT],
+            record[m.SECONDS],
         )
         checkpoint_path = None
         if out is not None:
             checkpoint_path = out / CHECKPOINT
             save_atomic(search.state(epoch, history), checkpoint_path)
             clock.lap("checkpoint")
-        event = EpochEvent(epoch, config.epochs, record, _flat_metrics(record), checkpoint_path)
+        event = EpochEvent(epoch, config.epochs, record, m.epoch_metrics(record), checkpoint_path)
         for callback in callbacks:
             callback(event)
         if callbacks:
@@ -743,7 +384,7 @@ def run_search(
     final_started = time.perf_counter()
     genotype = derive_genotype(search.arch)
     metrics = search.discretize(genotype, data)
-    metrics.update(convergence_metrics(search.arch, genotype))
+    metrics.update(m.convergence_metrics(search.arch, genotype))
     info = {
         "final_metrics_seconds": time.perf_counter() - final_started,
         "target": search.target.describe(),
@@ -759,10 +400,10 @@ def run_search(
     result = SearchResult(config, history, genotype, metrics, info, out)
     log.info(
         "done: supernet %.2f%%, discretized %.2f%% (drop %.2f), after BN recalibration %.2f%%; genotype\n%s",
-        metrics["supernet_acc"],
-        metrics["discretized_acc"],
-        metrics["drop"],
-        metrics["discretized_bn_recal_acc"],
+        metrics[m.SUPERNET_ACC],
+        metrics[m.DISCRETIZED_ACC],
+        metrics[m.DROP],
+        metrics[m.DISCRETIZED_BN_RECAL_ACC],
         genotype.describe(),
     )
     if out is not None:

@@ -8,15 +8,21 @@ order (0-1, 2-4, 5-8, 9-13 for 4 nodes). docs/science.md §1.2, §1.5, §3.2, D1
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from .config import ConfigError
-from .ops import OPS
+from .ops import check_op
 
-ALPHA_SHARING = ("global", "stage", "cell")
+# How cells share alpha (and beta): one level per cell type, per stage, or per cell.
+AlphaSharing = Literal["global", "stage", "cell"]
+# A target as configs write it: `[2, 2, 2, 2]`, `3 of 14`, or a mapping per cell type or level
+# (Target.parse reads it, Target.to_spec writes it).
+TargetSpec = Any
+ALPHA_SHARING: tuple[str, ...] = typing.get_args(AlphaSharing)
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,8 @@ class SearchSpace:
     alpha_sharing: str = "global"
 
     def __post_init__(self) -> None:
-        unknown = [op for op in self.ops if op not in OPS]
-        if unknown:
-            raise ConfigError("ops", unknown[0], f"unknown op; allowed: {', '.join(OPS)}")
+        for op in self.ops:
+            check_op(op)
         if len(set(self.ops)) != len(self.ops):
             raise ConfigError("ops", list(self.ops), "lists an op twice")
         if len([op for op in self.ops if op != "none"]) < 1:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ConfigError
 from .fused import FusedCell
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 from .space import EdgeGroup, SearchSpace, Target
@@ -175,6 +176,15 @@ class Supernet(nn.Module):
         return logits.float() if self.autocast_dtype is not None else logits
 
 
+def check_beta_swap(space: SearchSpace, target: Target, edge_params: bool) -> None:
+    """`beta.swap_bug` (the released DA2S code feeds beta_reduce to normal cells and vice versa)
+    exists only with one normal and one reduction level, beta, and one target for both."""
+    if space.alpha_sharing != "global" or not edge_params:
+        raise ConfigError("beta.swap_bug", True, "exists only with alpha_sharing: global and edge_params: true")
+    if target.cells[0] != target.cells[1]:
+        raise ConfigError("beta.swap_bug", True, "needs the same target for normal and reduction cells")
+
+
 class Architecture(nn.Module):
     """Alpha per level and, with `edge_params`, beta per edge group that has to choose.
 
@@ -202,8 +212,8 @@ class Architecture(nn.Module):
         self.sharpen_alpha = sharpen_alpha
         self.beta_clip = beta_clip
         self.beta_swap_bug = beta_swap_bug
-        if beta_swap_bug and [level.name for level in space.levels] != ["normal", "reduce"]:
-            raise ValueError("the released DA2S beta swap exists only with alpha_sharing 'global'")
+        if beta_swap_bug:
+            check_beta_swap(space, target, edge_params)
         shape = (space.num_edges, space.num_ops)
         self.alphas = nn.ParameterList(
             nn.Parameter(alpha_init_std * torch.randn(shape, generator=generator)) for _ in space.levels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nas.config import ConfigError, apply_overrides, parse_override
-from nas.search import SearchConfig
+from nas.settings import SearchConfig
 
 
 def error_of(**kwargs) -> ConfigError:

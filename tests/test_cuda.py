@@ -22,7 +22,9 @@ from conftest import tiny_search_config
 from nas.architect import Architect
 from nas.data import DataConfig, batches, make_search_data, stream_generator
 from nas.ops import DA2S_OPS, DARTS_OPS
-from nas.search import CHECKPOINT, RuntimeConfig, Search, SearchConfig, load_checkpoint, run_search
+from nas.runtime import CHECKPOINT, RuntimeConfig, load_checkpoint
+from nas.search import Search, run_search
+from nas.settings import SearchConfig
 from nas.space import SearchSpace, Target
 from nas.supernet import Architecture, Supernet, ieee_float32
 

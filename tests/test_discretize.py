@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from nas.data import ImageSet
-from nas.discretize import DiscretizedNetwork, discretization_metrics
+from nas.discretize import DiscretizedNetwork
 from nas.genotype import derive_genotype
+from nas.metrics import discretization_metrics
 from nas.ops import DA2S_OPS, DARTS_OPS
 from nas.space import SearchSpace, Target
 from nas.supernet import Architecture, ArchWeights, Supernet

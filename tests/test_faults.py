@@ -18,7 +18,7 @@ import yaml
 from conftest import tiny_search_config, tiny_sweep_config
 from mlflow.tracking import MlflowClient
 
-from tuning.config import EPOCH_METRICS, FINAL_METRICS
+from nas.metrics import EPOCH_METRICS, FINAL_METRICS
 from tuning.presentation import mlflow_name
 
 ROOT = Path(__file__).resolve().parents[1]

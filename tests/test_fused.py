@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_search_config
 
 from nas.ops import DA2S_OPS, DARTS_OPS
-from nas.search import SearchConfig, run_search
+from nas.search import run_search
+from nas.settings import SearchConfig
 from nas.space import SearchSpace, Target
 from nas.supernet import Architecture, Supernet
 

@@ -129,7 +129,7 @@ def test_cells_are_drawn_as_png(tmp_path):
 
 
 def test_convergence_metrics_of_hand_set_alpha_and_beta():
-    from nas.search import convergence_metrics
+    from nas.metrics import convergence_metrics
 
     space = SearchSpace(DA2S_OPS, cells=5)
     arch = Architecture(space, Target.parse([2, 2, 2, 2], space), edge_params=True)

@@ -9,7 +9,7 @@ import torch
 
 from nas.losses import LossTerm, edge_count_loss, edge_entropy, entropy, op_entropy, warmup_epoch
 from nas.ops import DA2S_OPS, DARTS_OPS
-from nas.search import SearchConfig
+from nas.settings import SearchConfig
 from nas.space import SearchSpace, Target
 from nas.supernet import Architecture, sharpen
 

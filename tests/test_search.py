@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import tiny_data_config, tiny_search_config
 
-from nas.search import CHECKPOINT, SearchConfig, SearchDiverged, load_checkpoint, run_search
+from nas.runtime import CHECKPOINT, load_checkpoint
+from nas.search import SearchDiverged, run_search
+from nas.settings import SearchConfig
 
 
 class Stop(Exception):

@@ -13,8 +13,9 @@ from test_faults import free_port
 
 from nas.config import ConfigError
 from tuning.config import SweepConfig
+from tuning.preflight import check_output
+from tuning.recovery import known_trial_ids, replay_all_pending
 from tuning.storage import check_for_added_nodes, filesystem_type, open_storage
-from tuning.sweep import _check_output, known_trial_ids, replay_all_pending
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_local_path_and_object_store_behave_alike(tmp_path, s3, where):
     assert not pending.exists()
     # The sweep's own bookkeeping through it: a directory holding no Ray state is no sweep to resume.
     with pytest.raises(ConfigError, match="holds no sweep to resume"):
-        _check_output(experiment, resume=True)
+        check_output(experiment, resume=True)
     assert known_trial_ids(experiment) == set()
     (experiment / "evaluations" / "t-cifar10" / "mlflow_pending.json").delete()
     assert replay_all_pending(experiment) == []

@@ -17,7 +17,8 @@ import torch
 from conftest import descendants, processes_named, real_data_root, tiny_search_config, tiny_sweep_config
 from mlflow.tracking import MlflowClient
 
-from nas.search import SearchConfig, run_search
+from nas.search import run_search
+from nas.settings import SearchConfig
 from tuning.config import SweepConfig
 from tuning.report import load_trials, markdown_table, summarise, table4
 

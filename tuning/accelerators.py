@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from nas.search import RuntimeConfig, resolve_device
+from nas.runtime import RuntimeConfig, resolve_device
 
 
 class AcceleratorError(RuntimeError):

@@ -32,28 +32,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nas.config import ConfigError, apply_overrides, flatten_mapping, from_dict, load_yaml, set_dotted, to_dict
-from nas.search import SearchConfig
+from nas.metrics import EPOCH_METRICS, FINAL_METRICS
+from nas.settings import SearchConfig
 
 from .storage import check_storage_text
-
-# Metrics a trial reports at its end (nas.discretize.discretization_metrics), plus the derived
-# network's size; per-epoch metrics (valid_acc, train_acc, ...) are reported every epoch.
-FINAL_METRICS = (
-    "supernet_acc",
-    "discretized_acc",
-    "drop",
-    "discretized_bn_recal_acc",
-    "drop_bn_recal",
-    "discretized_unit_edges_acc",
-    "drop_unit_edges",
-    "discretized_unit_edges_bn_recal_acc",
-    "drop_unit_edges_bn_recal",
-    "supernet_bn_recal_acc",
-    "max_op_weight",
-    "kept_edge_share",
-    "params",
-)
-EPOCH_METRICS = ("valid_acc", "valid_loss", "train_acc", "train_loss", "arch_ce", "discretized_acc", "drop")
 
 
 @dataclass
@@ -304,7 +286,7 @@ class SweepConfig:
             self.evaluate.mode = self.evaluate.mode or "max"
         if self.method_label:
             try:
-                method_label(self.method_label, self.resolve_trial({}).to_dict())
+                method_label(self.method_label, self.base_search().to_dict())
             except KeyError as err:
                 raise ConfigError("method_label", self.method_label, f"names no SearchConfig field {err}") from None
 
@@ -328,13 +310,20 @@ class SweepConfig:
     def resolve_trial(self, params: Mapping[str, Any]) -> SearchConfig:
         return SearchConfig.resolve(file=self.trial_search_dict(params))
 
+    def base_search(self) -> SearchConfig:
+        """The fixed settings (`search:`) as a SearchConfig, resolved once; the driver reads the
+        epochs, the levels and the method label from it. Not to be changed by the caller."""
+        kept = self.__dict__.get("_base_search")
+        if kept is None or kept[0] != self.search:
+            kept = self._base_search = (copy.deepcopy(self.search), self.resolve_trial({}))
+        return kept[1]
+
     def check_search_configs(self) -> None:
         """Every fixed setting, and every value each space entry can take, against SearchConfig."""
         try:
-            base = self.resolve_trial({})
+            self.base_search()
         except ConfigError as err:
             raise ConfigError(f"search.{err.field}", err.value, err.allowed) from None
-        del base
         if self.sampler_type() == "grid" and self.grid_size() <= 64:
             points = [dict(zip(self.grid(), combo)) for combo in itertools.product(*self.grid().values())]
             for point in points:

@@ -21,7 +21,7 @@ from typing import Any
 
 from nas.evaluate import CHECKPOINT, RESULT, EvalConfig, run_evaluation
 from nas.genotype import Genotype
-from nas.search import EpochEvent
+from nas.runtime import EpochEvent
 
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import SweepConfig

@@ -1,4 +1,5 @@
-"""Before the first trial: which Ray to use, and whether the trials' resources can ever be granted.
+"""Before the first trial: which Ray to use, whether the trials' resources can ever be granted, and
+whether the sweep's output, data and tracking store are usable (check_before_ray, check_on_ray).
 
 Ray is chosen as follows. No address: a new private instance on this machine, always (never a
 cluster named in Ray's temp folder, which may be long gone). An address (`auto` on a cluster
@@ -28,6 +29,10 @@ import yaml
 from ray import tune
 
 from nas.config import ConfigError
+from nas.data import load_cifar10
+
+from .recovery import LEFTOVERS
+from .storage import Storage, check_every_node_sees
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +246,99 @@ def check_devices(sweep) -> None:
             )
         if device == "cpu" and gpu > 0:
             log.warning("%s is cpu while %s is %g: these trials hold GPUs they do not use", field, gpu_field, gpu)
+
+
+# --- the sweep's output, data and tracking store ------------------------------------------------
+
+
+def check_before_ray(sweep, base: Path, storage: Storage, experiment_dir: Storage, search: dict[str, Any],
+                     resume: bool, local: bool) -> None:  # fmt: skip
+    """Every check that needs no Ray and writes nothing: a refused sweep leaves no trace."""
+    storage.check_reachable()
+    check_output(experiment_dir, resume)
+    if storage.local_path is not None:
+        check_writable(storage.local_path, "storage")
+    check_devices(sweep)
+    if local:
+        check_gpus_here(sweep)
+    check_data(search)
+    store = sqlite_path(sweep.mlflow.tracking_uri, base)
+    if store is not None:
+        check_writable(store.parent, "mlflow.tracking_uri")
+
+
+def check_on_ray(sweep, storage: Storage, cluster_config: str | None, address: str | None) -> None:
+    """Once Ray runs: resources that no node, present or addable by the autoscaler, offers stop the
+    sweep; and every node must see the storage (checkpoints written on one node are restored on
+    another)."""
+    for line in check_cluster_resources(sweep, cluster_config, local=address is None):
+        log.info("%s", line)
+    types = autoscaler_node_types(cluster_config) if address is not None else None
+    can_grow = any(t.max_workers is None or t.max_workers > 0 for t in types or [])
+    check_every_node_sees(storage, can_grow=can_grow, declared=sweep.storage_options.shared)
+
+
+def check_output(experiment_dir: Storage, resume: bool) -> None:
+    """A new sweep needs a fresh directory; a resumed one, the state of the sweep it resumes."""
+    try:
+        exists = experiment_dir.exists()
+        path, filesystem = experiment_dir.ray_storage()
+        has_state = tune.Tuner.can_restore(path, storage_filesystem=filesystem) if exists else False
+    except OSError as err:  # an object store that cannot be reached, or refuses these credentials
+        raise ConfigError("storage", experiment_dir.uri, f"cannot be reached from the driver ({err})") from None
+    if resume and not has_state:
+        raise ConfigError("--resume", str(experiment_dir), "holds no sweep to resume; run without --resume to start it")
+    if not resume and has_state:
+        raise ConfigError(
+            "name",
+            experiment_dir.name,
+            f"a sweep of this name already has results in {experiment_dir}: add --resume to finish it, "
+            "or give the new sweep another name (nothing was changed)",
+        )
+    if not resume and exists and any(name not in LEFTOVERS for name in experiment_dir.children()):
+        raise ConfigError("storage", str(experiment_dir), "exists and is not a sweep; choose another name or storage")
+
+
+def check_writable(path: Path, name: str) -> None:
+    """`path` could be created and written; checked without creating anything."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "is not a directory" if not existing.is_dir() else "is not writable"
+        raise ConfigError(name, str(path), f"cannot be written ({existing} {reason}); choose a writable location")
+
+
+def sqlite_path(uri: str, base: Path) -> Path | None:
+    """Where a local sqlite MLflow store would be, before anything creates it."""
+    if uri == "auto":
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///runs/mlflow.db"
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///") :]
+        return Path(rest) if rest.startswith("/") else base / rest
+    return None if "://" in uri else base / uri
+
+
+def check_gpus_here(sweep) -> None:
+    """On a local run, GPUs the machine does not have stop the sweep before Ray starts."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    for name, asked in (
+        ("resources.gpu", sweep.resources.gpu),
+        ("evaluate.resources.gpu", sweep.evaluate.resources.gpu if sweep.evaluate else 0),
+    ):
+        if asked > gpus:
+            raise ConfigError(
+                name, asked, f"this machine has {gpus} GPUs; use gpu: 0, or --address to run on a GPU cluster"
+            )
+
+
+def check_data(search: dict[str, Any]) -> None:
+    """The data the trials will read is there (or can be downloaded)."""
+    data = search.get("data", {})
+    if data.get("dataset", "cifar10") == "cifar10":
+        load_cifar10(data.get("root"), data.get("download", True))  # raises DataNotFoundError
 
 
 class WaitingTrials(tune.Callback):

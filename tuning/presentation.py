@@ -27,38 +27,41 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-# Ray/nas name -> MLflow name. Final and per-epoch values of one quantity share a name.
+from nas import metrics as m
+
+# nas name (the one Ray Tune, objectives and the report use) -> MLflow name. Final and per-epoch
+# values of one quantity share a name.
 METRIC_NAMES = {
-    "valid_acc": "accuracy/supernet",
-    "supernet_acc": "accuracy/supernet",
-    "discretized_acc": "accuracy/discretized",
-    "drop": "accuracy/drop",
-    "train_acc": "accuracy/supernet_train",
-    "supernet_bn_recal_acc": "accuracy_bn_recal/supernet",
-    "discretized_bn_recal_acc": "accuracy_bn_recal/discretized",
-    "drop_bn_recal": "accuracy_bn_recal/drop",
-    "discretized_unit_edges_acc": "accuracy_unit_edges/discretized",
-    "drop_unit_edges": "accuracy_unit_edges/drop",
-    "discretized_unit_edges_bn_recal_acc": "accuracy_unit_edges/discretized_bn_recal",
-    "drop_unit_edges_bn_recal": "accuracy_unit_edges/drop_bn_recal",
-    "max_op_weight": "architecture/max_op_weight",
-    "kept_edge_share": "architecture/kept_edge_share",
-    "params": "network/params_M",
-    "train_loss": "loss/train",
-    "valid_loss": "loss/supernet",
-    "arch_ce": "loss/arch_ce",
-    "lr": "optim/lr",
-    "alpha_lr": "optim/alpha_lr",
-    "beta_lr": "optim/beta_lr",
-    "seconds": "time/epoch_seconds",
-    "search_seconds": "time/search_seconds",
+    m.VALID_ACC: "accuracy/supernet",
+    m.SUPERNET_ACC: "accuracy/supernet",
+    m.DISCRETIZED_ACC: "accuracy/discretized",
+    m.DROP: "accuracy/drop",
+    m.TRAIN_ACC: "accuracy/supernet_train",
+    m.SUPERNET_BN_RECAL_ACC: "accuracy_bn_recal/supernet",
+    m.DISCRETIZED_BN_RECAL_ACC: "accuracy_bn_recal/discretized",
+    m.DROP_BN_RECAL: "accuracy_bn_recal/drop",
+    m.DISCRETIZED_UNIT_EDGES_ACC: "accuracy_unit_edges/discretized",
+    m.DROP_UNIT_EDGES: "accuracy_unit_edges/drop",
+    m.DISCRETIZED_UNIT_EDGES_BN_RECAL_ACC: "accuracy_unit_edges/discretized_bn_recal",
+    m.DROP_UNIT_EDGES_BN_RECAL: "accuracy_unit_edges/drop_bn_recal",
+    m.MAX_OP_WEIGHT: "architecture/max_op_weight",
+    m.KEPT_EDGE_SHARE: "architecture/kept_edge_share",
+    m.PARAMS: "network/params_M",
+    m.TRAIN_LOSS: "loss/train",
+    m.VALID_LOSS: "loss/supernet",
+    m.ARCH_CE: "loss/arch_ce",
+    m.LR: "optim/lr",
+    m.ALPHA_LR: "optim/alpha_lr",
+    m.BETA_LR: "optim/beta_lr",
+    m.SECONDS: "time/epoch_seconds",
+    "search_seconds": "time/search_seconds",  # the trial's (tuning.trainable)
 }
 # Per-level diagnostics: `skip_connect/normal` -> `architecture/skip_connect_normal`.
-LEVEL_METRICS = {"skip_connect": "skip_connect", "op_entropy_per_edge": "op_entropy", "max_op_weight": "max_op_weight"}
-SCALE = {"params": 1e-6}
+LEVEL_METRICS = {m.SKIP_CONNECT: "skip_connect", m.OP_ENTROPY_PER_EDGE: "op_entropy", m.MAX_OP_WEIGHT: "max_op_weight"}
+SCALE = {m.PARAMS: 1e-6}
 # MLflow name -> the name the report and the trainable read (the final value's name).
 REPORT_NAMES = {
-    **{mlflow: name for name, mlflow in METRIC_NAMES.items() if name != "valid_acc"},
+    **{mlflow: name for name, mlflow in METRIC_NAMES.items() if name != m.VALID_ACC},
 }
 HEADLINE = ("accuracy/discretized", "accuracy/drop", "accuracy/supernet", "accuracy_bn_recal/drop", "network/params_M")
 
@@ -82,10 +85,10 @@ def mlflow_name(name: str) -> str:
     head, _, level = name.partition("/")
     if level and head in LEVEL_METRICS:
         return f"architecture/{LEVEL_METRICS[head]}_{level}"
-    if name.startswith("weight_"):
-        return f"loss_weight/{name[len('weight_') :]}"
-    if name.startswith("seconds_"):  # the epoch's phases
-        return f"time/{name[len('seconds_') :]}_seconds"
+    if name.startswith(m.LOSS_WEIGHT_PREFIX):
+        return f"loss_weight/{name.removeprefix(m.LOSS_WEIGHT_PREFIX)}"
+    if name.startswith(m.PHASE_SECONDS_PREFIX):  # the epoch's phases
+        return f"time/{name.removeprefix(m.PHASE_SECONDS_PREFIX)}_seconds"
     return name
 
 
@@ -152,14 +155,13 @@ def trial_note(
 ) -> str:
     """The Markdown description of a trial's run: accuracies and drops (plain and after BN
     recalibration), the derived network's size, and its cells, drawn inline."""
-    m = metrics
     rows = [
-        ("stored BN statistics", m.get("supernet_acc"), m.get("discretized_acc"), m.get("drop")),
+        ("stored BN statistics", metrics.get(m.SUPERNET_ACC), metrics.get(m.DISCRETIZED_ACC), metrics.get(m.DROP)),
         (
             "after BN recalibration",
-            m.get("supernet_bn_recal_acc"),
-            m.get("discretized_bn_recal_acc"),
-            m.get("drop_bn_recal"),
+            metrics.get(m.SUPERNET_BN_RECAL_ACC),
+            metrics.get(m.DISCRETIZED_BN_RECAL_ACC),
+            metrics.get(m.DROP_BN_RECAL),
         ),
     ]
     lines = [
@@ -170,8 +172,8 @@ def trial_note(
         *(f"| {label} | {_num(s)} | {_num(d)} | {_num(p)} |" for label, s, d, p in rows),
         "",
     ]
-    if m.get("params") is not None:
-        lines += [f"Derived network: **{m['params'] / 1e6:.2f} M** parameters (CIFAR-10, 20 cells, C=36).", ""]
+    if metrics.get(m.PARAMS) is not None:
+        lines += [f"Derived network: **{metrics[m.PARAMS] / 1e6:.2f} M** parameters (CIFAR-10, 20 cells, C=36).", ""]
     lines += ["```", genotype_text, "```", ""]
     for level, path in cell_files.items():
         lines += [f"![{level} cell]({artifact_url(run_id, path)})", ""]
@@ -234,7 +236,7 @@ def view_state(levels: tuple[str, ...] = ("normal", "reduce"), epochs: int = 0) 
     """The runs table and the compare view that the printed link opens; the cells of `levels`
     side by side as logged at the last epoch (`epochs`)."""
     columns = [_column("params", "method"), _column("params", "target"), _column("params", "seed")]
-    columns += [_column("metrics", m) for m in HEADLINE]
+    columns += [_column("metrics", key) for key in HEADLINE]
     story, curves, cells = "section-story", "section-curves", "section-cells"
     charts = [
         _bar("chart-drop", "accuracy/drop", story, "drop"),
@@ -303,7 +305,7 @@ def present_experiment(client, experiment_id: str, sweep, parent_run_id: str) ->
     start, so that the link works while it runs)."""
     from .tracking import retrying
 
-    search = sweep.resolve_trial({})
+    search = sweep.base_search()
     key, value = view_tag(tuple(level.name for level in search.space().levels), search.epochs)
     note = experiment_note(sweep.name, sweep.description, experiment_id, parent_run_id)
     retrying(lambda: client.set_experiment_tag(experiment_id, key, value), "tag experiment")

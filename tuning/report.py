@@ -17,21 +17,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nas.metrics import (
+    DISCRETIZED_ACC,
+    DISCRETIZED_BN_RECAL_ACC,
+    DISCRETIZED_UNIT_EDGES_ACC,
+    DROP,
+    DROP_BN_RECAL,
+    KEPT_EDGE_SHARE,
+    MAX_OP_WEIGHT,
+    PARAMS,
+    SUPERNET_ACC,
+)
 from nas.plots import pyplot, save_figure
 
 from .presentation import report_names, skip_connect_keys
 from .tracking import PARENT_TAG, client_for, retrying
 
 COLUMNS = (
-    ("supernet_acc", "supernet"),
-    ("discretized_acc", "discretized"),
-    ("drop", "drop"),
-    ("discretized_bn_recal_acc", "discr. BN recal"),
-    ("drop_bn_recal", "drop BN recal"),
-    ("discretized_unit_edges_acc", "discr. edges=1"),
-    ("max_op_weight", "max op weight"),
-    ("kept_edge_share", "kept edge share"),
-    ("params", "params (M)"),
+    (SUPERNET_ACC, "supernet"),
+    (DISCRETIZED_ACC, "discretized"),
+    (DROP, "drop"),
+    (DISCRETIZED_BN_RECAL_ACC, "discr. BN recal"),
+    (DROP_BN_RECAL, "drop BN recal"),
+    (DISCRETIZED_UNIT_EDGES_ACC, "discr. edges=1"),
+    (MAX_OP_WEIGHT, "max op weight"),
+    (KEPT_EDGE_SHARE, "kept edge share"),
+    (PARAMS, "params (M)"),
 )
 METHOD_ORDER = ("darts", "da2s", "multilevel")
 # Test errors of the evaluation stage, when the sweep had one (joined to trials by parent run).
@@ -113,7 +124,7 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], 
             dict(params),
             dict(tags),
         )
-        complete = run.info.status == "FINISHED" and "early_stopped" not in tags and "discretized_acc" in record.metrics
+        complete = run.info.status == "FINISHED" and "early_stopped" not in tags and DISCRETIZED_ACC in record.metrics
         (finished if complete else other).append(record)
     return finished, other
 
@@ -127,7 +138,7 @@ def summarise(trials: Sequence[TrialRecord]) -> list[Row]:
         values = {
             metric: [t.metrics[metric] for t in members if metric in t.metrics] for metric, _ in COLUMNS + EVAL_COLUMNS
         }
-        values["params"] = [v / 1e6 for v in values["params"]]
+        values[PARAMS] = [v / 1e6 for v in values[PARAMS]]
         rows.append(Row(method, target, len(members), values))
     method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (_target_key(r.target), method_rank.get(r.method, 99), r.method))
@@ -163,7 +174,7 @@ def _cell(row: Row, metric: str) -> str:
     mean, std = row.stat(metric)
     if math.isnan(mean):
         return "-"
-    digits = 3 if metric in ("max_op_weight", "kept_edge_share") else 2
+    digits = 3 if metric in (MAX_OP_WEIGHT, KEPT_EDGE_SHARE) else 2
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if row.n > 1 else f"{mean:.{digits}f}"
 
 
@@ -197,9 +208,7 @@ def table4(rows: Sequence[Row]) -> str:
         cells = [target]
         for m in methods:
             row = by_key.get((m, target))
-            cells += [
-                _cell(row, k) if row else "-" for k in ("supernet_acc", "discretized_acc", "drop", "drop_bn_recal")
-            ]
+            cells += [_cell(row, k) if row else "-" for k in (SUPERNET_ACC, DISCRETIZED_ACC, DROP, DROP_BN_RECAL)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -233,8 +242,8 @@ def plot_drops(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(targets) * 2), 3.8), sharey=True)
     width = 0.8 / max(1, len(methods))
     for ax, metric, label in (
-        (axes[0], "drop", "stored BN statistics"),
-        (axes[1], "drop_bn_recal", "after BN recalibration"),
+        (axes[0], DROP, "stored BN statistics"),
+        (axes[1], DROP_BN_RECAL, "after BN recalibration"),
     ):
         for i, method in enumerate(methods):
             stats = [by_key[(method, t)].stat(metric) if (method, t) in by_key else (math.nan, 0.0) for t in targets]
@@ -369,7 +378,7 @@ def drop_vs_error_text(trials: Sequence[TrialRecord], dataset: str = "cifar10") 
     if not found:
         return ""
     key = f"{dataset}_test_error"
-    metrics = ("supernet_acc", "discretized_acc", "drop", "drop_bn_recal")
+    metrics = (SUPERNET_ACC, DISCRETIZED_ACC, DROP, DROP_BN_RECAL)
     lines = [
         f"## Search vs. retrained accuracy ({dataset})\n",
         "| method | target | seed | supernet | discretized | drop | drop BN recal | retrained test acc |",
@@ -380,8 +389,8 @@ def drop_vs_error_text(trials: Sequence[TrialRecord], dataset: str = "cifar10") 
         lines.append(f"| {t.method} | {t.target} | {t.seed} | {' | '.join(cells)} | {_number(100 - t.metrics[key])} |")
     lines.append("")
     accuracy = [100 - t.metrics[key] for t in found]
-    for metric, label in (("drop", "drop"), ("drop_bn_recal", "drop after BN recalibration"),
-                          ("supernet_acc", "supernet accuracy"), ("discretized_acc", "discretized accuracy")):  # fmt: skip
+    for metric, label in ((DROP, "drop"), (DROP_BN_RECAL, "drop after BN recalibration"),
+                          (SUPERNET_ACC, "supernet accuracy"), (DISCRETIZED_ACC, "discretized accuracy")):  # fmt: skip
         pairs = [(t.metrics[metric], a) for t, a in zip(found, accuracy) if metric in t.metrics]
         rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
         lines.append(
@@ -405,8 +414,8 @@ def plot_drop_vs_error(
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), sharey=True)
     methods = [m for m in METHOD_ORDER if any(t.method == m for t in found)]
     methods += sorted({t.method for t in found} - set(methods))
-    for ax, metric, label in ((axes[0], "drop", "drop (stored BN statistics)"),
-                              (axes[1], "drop_bn_recal", "drop after BN recalibration")):  # fmt: skip
+    for ax, metric, label in ((axes[0], DROP, "drop (stored BN statistics)"),
+                              (axes[1], DROP_BN_RECAL, "drop after BN recalibration")):  # fmt: skip
         for method in methods:
             points = [(t.metrics[metric], 100 - t.metrics[f"{dataset}_test_error"])
                       for t in found if t.method == method and metric in t.metrics]  # fmt: skip

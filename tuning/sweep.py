@@ -8,17 +8,14 @@ from the sweep's directory and finishes it without repeating finished trials.
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 import signal
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
-import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
@@ -26,35 +23,26 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from nas.config import ConfigError
-from nas.data import load_cifar10, resolve_root
+from nas.data import resolve_root
 
-from . import preflight
+from . import preflight, recovery
 from .config import SweepConfig
 from .evaluation import run_evaluation_stage
 from .presentation import present_experiment, present_summary
 from .space import SpaceSampler, make_sampler
-from .storage import Storage, check_every_node_sees, open_storage
+from .storage import Storage, open_storage
 from .tracking import (
-    PENDING_FILE,
     client_for,
     ensure_experiment,
     find_run,
     local_artifact_root,
     log_metrics,
-    log_params,
-    params_of,
-    redact,
-    replay_pending,
     resolve_tracking_uri,
     retrying,
 )
 from .trainable import TrialSettings, search_trial
 
 log = logging.getLogger(__name__)
-PARENT_RUN_FILE = "mlflow_parent_run_id"
-OPTUNA_JOURNAL = "optuna.journal"
-JOURNAL_PATH_FILE = "optuna_journal_path"  # object stores: where the driver keeps the study's journal
 
 
 class SweepSearch(OptunaSearch):
@@ -195,71 +183,9 @@ def _open_storage(sweep: SweepConfig, base: Path) -> Storage:
     return open_storage(sweep.storage, base, options.endpoint, options.region)
 
 
-def _check_output(experiment_dir: Storage, resume: bool) -> None:
-    try:
-        exists = experiment_dir.exists()
-        path, filesystem = experiment_dir.ray_storage()
-        has_state = tune.Tuner.can_restore(path, storage_filesystem=filesystem) if exists else False
-    except OSError as err:  # an object store that cannot be reached, or refuses these credentials
-        raise ConfigError("storage", experiment_dir.uri, f"cannot be reached from the driver ({err})") from None
-    if resume and not has_state:
-        raise ConfigError("--resume", str(experiment_dir), "holds no sweep to resume; run without --resume to start it")
-    if not resume and has_state:
-        raise ConfigError(
-            "name",
-            experiment_dir.name,
-            f"a sweep of this name already has results in {experiment_dir}: add --resume to finish it, "
-            "or give the new sweep another name (nothing was changed)",
-        )
-    leftovers = {PARENT_RUN_FILE, OPTUNA_JOURNAL, JOURNAL_PATH_FILE}
-    if not resume and exists and any(name not in leftovers for name in experiment_dir.children()):
-        raise ConfigError("storage", str(experiment_dir), "exists and is not a sweep; choose another name or storage")
-
-
-def _check_writable(path: Path, name: str) -> None:
-    """`path` could be created and written; checked without creating anything."""
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        reason = "is not a directory" if not existing.is_dir() else "is not writable"
-        raise ConfigError(name, str(path), f"cannot be written ({existing} {reason}); choose a writable location")
-
-
-def _sqlite_path(uri: str, base: Path) -> Path | None:
-    """Where a local sqlite MLflow store would be, before anything creates it."""
-    if uri == "auto":
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///runs/mlflow.db"
-    if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///") :]
-        return Path(rest) if rest.startswith("/") else base / rest
-    return None if "://" in uri else base / uri
-
-
-def _check_gpus_here(sweep: SweepConfig) -> None:
-    """On a local run, GPUs the machine does not have stop the sweep before Ray starts."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    for name, asked in (
-        ("resources.gpu", sweep.resources.gpu),
-        ("evaluate.resources.gpu", sweep.evaluate.resources.gpu if sweep.evaluate else 0),
-    ):
-        if asked > gpus:
-            raise ConfigError(
-                name, asked, f"this machine has {gpus} GPUs; use gpu: 0, or --address to run on a GPU cluster"
-            )
-
-
-def _check_data(search: dict[str, Any]) -> None:
-    data = search.get("data", {})
-    if data.get("dataset", "cifar10") == "cifar10":
-        load_cifar10(data.get("root"), data.get("download", True))  # raises DataNotFoundError
-
-
 def _resolved_search(sweep: SweepConfig, base: Path) -> dict[str, Any]:
     """The fixed settings with the data root made absolute (trials run in their own directories)."""
-    search = yaml.safe_load(yaml.safe_dump(sweep.search))  # a plain copy
+    search = copy.deepcopy(sweep.search)
     data = search.setdefault("data", {})
     if data.get("dataset", "cifar10") == "cifar10":
         data["root"] = str((base / resolve_root(data.get("root"))).resolve())
@@ -315,136 +241,6 @@ def _keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def _journal_path(sweep: SweepConfig, base: Path, experiment_dir: Storage, resume: bool = False) -> Path:
-    """Optuna's journal: in the sweep's directory on a filesystem; on the driver's disk beside an
-    object store (a journal needs file locks), mirrored to the store after every change. A resumed
-    sweep finds it where it was (its path is kept in the store), copied back if that disk is new."""
-    if experiment_dir.local_path is not None:
-        experiment_dir.local_path.mkdir(parents=True, exist_ok=True)
-        return experiment_dir.local_path / OPTUNA_JOURNAL
-    path = base / "runs" / "optuna" / sweep.name / OPTUNA_JOURNAL
-    record = experiment_dir / JOURNAL_PATH_FILE
-    if resume and record.exists():
-        path = Path(record.read_text().strip())
-        if not path.exists():
-            try:
-                copied = (experiment_dir / OPTUNA_JOURNAL).download(path)
-            except OSError as err:
-                raise ConfigError(
-                    "--resume",
-                    str(path),
-                    f"this sweep's Optuna study is restored to this path on the driver, where it was started, and "
-                    f"it cannot be written here ({err}); resume on a driver where it can",
-                ) from None
-            if not copied:
-                raise ConfigError("--resume", str(experiment_dir / OPTUNA_JOURNAL), "is missing: the study is lost")
-            log.info("Optuna study restored from %s to %s", experiment_dir / OPTUNA_JOURNAL, path)
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        record.write_text(f"{path}\n")
-    return path
-
-
-def _check_resources(sweep: SweepConfig, cluster_config: str | None, local: bool) -> None:
-    """Resources that no node, present or addable by the autoscaler, offers stop the sweep here."""
-    for line in preflight.check_cluster_resources(sweep, cluster_config, local=local):
-        log.info("%s", line)
-
-
-def _parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: Storage, resume: bool) -> str:
-    marker = experiment_dir / PARENT_RUN_FILE
-    if marker.exists():
-        run_id = marker.read_text().strip()
-        retrying(lambda: client.update_run(run_id, status="RUNNING"), "reopen sweep run")
-        if resume:
-            retrying(lambda: client.set_tag(run_id, "resumed", "true"), "tag sweep run")
-        return run_id
-    tags = {"kind": "sweep", "sweep": sweep.name, "sampler": sweep.sampler_type()}
-    run = retrying(
-        lambda: client.create_run(experiment_id, tags=tags, run_name=f"sweep-{sweep.name}"), "create sweep run"
-    )
-    run_id = run.info.run_id
-    settings = sweep.to_dict()
-    log_params(client, run_id, params_of({k: v for k, v in settings.items() if k not in ("search", "space")}))
-    log_params(client, run_id, params_of({"search": settings["search"]}))
-    text = redact(yaml.safe_dump(settings, sort_keys=False))
-    retrying(lambda: client.log_text(run_id, text, "sweep.yaml"), "log sweep")
-    marker.write_text(run_id + "\n")
-    return run_id
-
-
-def _end_open_runs(client, experiment_id: str, sweep_name: str, status: str, reason: str) -> int:
-    """Ends the sweep's trial and evaluation runs left RUNNING (they re-open when resumed)."""
-    query = f"tags.sweep = '{sweep_name}' and tags.kind != 'sweep' and attributes.status = 'RUNNING'"
-    runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=1000), "search runs")
-    for run in runs:
-        retrying(lambda run=run: client.set_tag(run.info.run_id, "interrupted", reason), "tag run")
-        retrying(lambda run=run: client.set_terminated(run.info.run_id, status), "end run")
-    return len(runs)
-
-
-def replay_all_pending(experiment_dir: Storage) -> list[tuple[str, int]]:
-    """Sends the MLflow calls that trials and evaluations could not send; returns what is left."""
-    left = []
-    for stored in experiment_dir.glob(f"*/{PENDING_FILE}"):
-        try:
-            if stored.local_path is not None:
-                count = replay_pending(stored.local_path)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    stored.download(Path(tmp) / PENDING_FILE)
-                    count = replay_pending(Path(tmp) / PENDING_FILE)
-                if not count:
-                    stored.delete()
-        except Exception as err:
-            log.warning("MLflow: replaying %s failed: %s", stored, err)
-            count = -1
-        if count:
-            left.append((str(stored), count))
-    return left
-
-
-def known_trial_ids(experiment_dir: Storage) -> set[str]:
-    """The trials in Ray's last saved state of the sweep (the ones a restore knows about)."""
-    states = [experiment_dir / name for name in experiment_dir.children() if name.startswith("experiment_state-")]
-    states = sorted((s for s in states if s.name.endswith(".json")), key=lambda s: s.info().mtime)
-    if not states:
-        return set()
-    ids = set()
-    for entry in json.loads(states[-1].read_text())["trial_data"]:
-        text = entry[0] if isinstance(entry, list) else entry
-        ids.add(json.loads(text)["trial_id"])
-    return ids
-
-
-def end_lost_trials(client, experiment_id: str, sweep_name: str, known: set[str]) -> int:
-    """Ends the runs of trials that started after Ray's last saved state (the driver died in
-    between): a restore cannot resume them; new trials take their place."""
-    query = f"tags.sweep = '{sweep_name}' and tags.kind = 'trial' and attributes.status != 'FINISHED'"
-    runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=5000), "search runs")
-    lost = [r for r in runs if r.data.tags.get("trial_id") not in known and r.info.status in ("RUNNING", "KILLED")]
-    reason = "started after the sweep's last saved state and lost with its driver; replaced by a new trial"
-    for run in lost:
-        retrying(lambda run=run: client.set_tag(run.info.run_id, "lost", reason), "tag run")
-        retrying(lambda run=run: client.set_terminated(run.info.run_id, "KILLED"), "end run")
-    return len(lost)
-
-
-def fail_unfinished_optuna_trials(journal: Path, study_name: str, mirror: Storage | None = None) -> int:
-    """Once every trial of a sweep has ended, Optuna trials still RUNNING were lost with a driver."""
-    if not journal.exists():
-        return 0
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-    for trial in stale:
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-    if stale and mirror is not None:
-        mirror.upload(journal)
-    return len(stale)
-
-
 def run_sweep(
     sweep: SweepConfig,
     *,
@@ -461,39 +257,22 @@ def run_sweep(
     storage = _open_storage(sweep, base)
     experiment_dir = storage / sweep.name
     search = _resolved_search(sweep, base)
-    # Checks that write nothing come first: a refused sweep leaves no trace.
-    storage.check_reachable()
-    _check_output(experiment_dir, resume)
-    if storage.local_path is not None:
-        _check_writable(storage.local_path, "storage")
-    preflight.check_devices(sweep)
-    if address is None:
-        _check_gpus_here(sweep)
-    _check_data(search)
-    store = _sqlite_path(sweep.mlflow.tracking_uri, base)
-    if store is not None:
-        _check_writable(store.parent, "mlflow.tracking_uri")
+    preflight.check_before_ray(sweep, base, storage, experiment_dir, search, resume, local=address is None)
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, base)
-
     _init_ray(address)
-    _check_resources(sweep, cluster_config, local=address is None)
-    # Every node must see the storage: checkpoints written on one node are restored on another.
-    types = preflight.autoscaler_node_types(cluster_config) if address is not None else None
-    can_grow = any(t.max_workers is None or t.max_workers > 0 for t in types or [])
-    check_every_node_sees(storage, can_grow=can_grow, declared=sweep.storage_options.shared)
+    preflight.check_on_ray(sweep, storage, cluster_config, address)
 
     client = client_for(tracking_uri)
     experiment_id = ensure_experiment(client, sweep.mlflow.experiment or sweep.name, local_artifact_root(tracking_uri))
-    parent_run_id = _parent_run(client, experiment_id, sweep, experiment_dir, resume)
+    parent_run_id = recovery.parent_run(client, experiment_id, sweep, experiment_dir, resume)
     present_experiment(client, experiment_id, sweep, parent_run_id)
-    objectives = sweep.objectives()
     settings = TrialSettings(
         sweep=sweep.name,
         search=search,
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,
         parent_run_id=parent_run_id,
-        objectives=tuple(o.metric for o in objectives),
+        objectives=tuple(o.metric for o in sweep.objectives()),
         cpus=sweep.resources.cpu,
         method_label=sweep.method_label,
         gpus=sweep.resources.gpu,
@@ -503,86 +282,24 @@ def run_sweep(
         {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
     )
 
-    interrupted = False
     if resume:
-        replay_all_pending(experiment_dir)
-        _journal_path(sweep, base, experiment_dir, resume=True)  # back on this driver's disk if it is new
-        lost = end_lost_trials(client, experiment_id, sweep.name, known_trial_ids(experiment_dir))
-        if lost:
-            log.warning(
-                "%d trials had started after the sweep's last saved state; their runs are marked KILLED (lost)", lost
-            )
+        recovery.prepare_resume(client, experiment_id, sweep, base, experiment_dir)
     try:
         if resume:
             path, filesystem = experiment_dir.ray_storage()
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
         else:
-            multi = len(objectives) > 1
-            # The study lives in a journal file beside Ray's state: always current (Ray snapshots the
-            # searcher only now and then, not after the last result), and readable with
-            # optuna.load_study(study_name=NAME, storage=JournalStorage(JournalFileBackend(PATH))).
-            journal = _journal_path(sweep, base, experiment_dir)
-            searcher = SweepSearch(
-                journal=str(journal),
-                mirror=None if experiment_dir.local_path is not None else experiment_dir / OPTUNA_JOURNAL,
-                space=SpaceSampler(sweep.space, sweep.search),
-                study_name=sweep.name,
-                storage=JournalStorage(JournalFileBackend(str(journal))),
-                metric=[o.metric for o in objectives] if multi else objectives[0].metric,
-                mode=[o.mode for o in objectives] if multi else objectives[0].mode,
-                sampler=make_sampler(sweep),
-            )
-            if sweep.scheduler.type == "asha":
-                epochs = sweep.resolve_trial({}).epochs
-                scheduler = ASHAScheduler(
-                    time_attr="training_iteration",
-                    metric=sweep.scheduler.metric,
-                    mode=sweep.scheduler.mode,
-                    max_t=epochs,
-                    grace_period=min(sweep.scheduler.grace_period, epochs),
-                    reduction_factor=sweep.scheduler.reduction_factor,
-                )
-            else:
-                scheduler = FIFOScheduler()
-            storage_path, storage_filesystem = storage.ray_storage()
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=sweep.concurrency),
-                    scheduler=scheduler,
-                    num_samples=sweep.num_samples,
-                ),
-                run_config=tune.RunConfig(
-                    name=sweep.name,
-                    storage_path=storage_path,
-                    storage_filesystem=storage_filesystem,
-                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[
-                        RunFinalizer(tracking_uri, experiment_id),
-                        ProgressPrinter(sweep.resolve_trial({}).epochs),
-                        preflight.WaitingTrials({"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}),
-                    ],
-                    # Ray's own status table stays off: ProgressPrinter reports what matters here.
-                    verbose=0,
-                ),
-            )
+            tuner = _new_tuner(sweep, trainable, base, storage, experiment_dir, tracking_uri, experiment_id)
         results = tuner.fit()
     except KeyboardInterrupt:
-        interrupted = True
         results = None
 
     outcome = SweepOutcome(
-        sweep.name, experiment_dir, tracking_uri, experiment_id, parent_run_id, interrupted=interrupted
+        sweep.name, experiment_dir, tracking_uri, experiment_id, parent_run_id, interrupted=results is None
     )
     if results is not None:
-        for result in results:
-            config = dict(result.config or {})
-            status = "ERROR" if result.error else ("DIVERGED" if result.metrics.get("diverged") else "TERMINATED")
-            trial_id = result.metrics.get("trial_id") or Path(result.path).name
-            error = str(result.error).strip().splitlines()[-1] if result.error else result.metrics.get("failure")
-            outcome.trials.append(TrialSummary(trial_id, status, config, dict(result.metrics), error))
-        outcome.interrupted = interrupted or len(outcome.trials) < (sweep.num_samples or 0)
+        outcome.trials = [_trial_summary(result) for result in results]
+        outcome.interrupted = len(outcome.trials) < (sweep.num_samples or 0)
     if not outcome.interrupted and sweep.evaluate is not None:
         try:
             outcome.evaluations = run_evaluation_stage(
@@ -591,20 +308,9 @@ def run_sweep(
         except KeyboardInterrupt:
             outcome.interrupted = True
     if outcome.interrupted:
-        count = _end_open_runs(
-            client, experiment_id, sweep.name, "KILLED", "sweep interrupted; resume it with --resume"
-        )
-        retrying(lambda: client.set_tag(parent_run_id, "interrupted", "true"), "tag sweep run")
-        retrying(lambda: client.set_terminated(parent_run_id, "KILLED"), "end sweep run")
-        log.warning("sweep interrupted (%d trial runs marked KILLED); resume it with --resume", count)
+        recovery.close_interrupted(client, experiment_id, sweep.name, parent_run_id)
     else:
-        outcome.pending = replay_all_pending(experiment_dir)
-        if not outcome.pending:
-            # Every trial has ended: runs still RUNNING or Optuna trials still RUNNING were lost.
-            _end_open_runs(client, experiment_id, sweep.name, "KILLED", "its trial ended without closing it")
-            journal = _journal_path(sweep, base, experiment_dir, resume=True)
-            mirror = None if experiment_dir.local_path is not None else experiment_dir / OPTUNA_JOURNAL
-            fail_unfinished_optuna_trials(journal, sweep.name, mirror)
+        outcome.pending = recovery.reconcile_finished(client, experiment_id, sweep, base, experiment_dir)
         _summarise(client, parent_run_id, sweep, outcome)
         try:
             present_summary(client, tracking_uri, sweep, parent_run_id)
@@ -612,6 +318,71 @@ def run_sweep(
             log.warning("MLflow: the sweep's summary could not be written (%s)", err)
         retrying(lambda: client.set_terminated(parent_run_id, "FINISHED"), "end sweep run")
     return outcome
+
+
+def _new_tuner(
+    sweep: SweepConfig, trainable, base: Path, storage: Storage, experiment_dir: Storage, tracking_uri: str,
+    experiment_id: str,
+) -> tune.Tuner:  # fmt: skip
+    """The Tuner of a new sweep: Optuna's study as searcher, the scheduler, storage and callbacks."""
+    objectives = sweep.objectives()
+    multi = len(objectives) > 1
+    # The study lives in a journal file beside Ray's state: always current (Ray snapshots the
+    # searcher only now and then, not after the last result), and readable with
+    # optuna.load_study(study_name=NAME, storage=JournalStorage(JournalFileBackend(PATH))).
+    journal = recovery.journal_path(sweep, base, experiment_dir)
+    searcher = SweepSearch(
+        journal=str(journal),
+        mirror=None if experiment_dir.local_path is not None else experiment_dir / recovery.OPTUNA_JOURNAL,
+        space=SpaceSampler(sweep.space, sweep.search),
+        study_name=sweep.name,
+        storage=JournalStorage(JournalFileBackend(str(journal))),
+        metric=[o.metric for o in objectives] if multi else objectives[0].metric,
+        mode=[o.mode for o in objectives] if multi else objectives[0].mode,
+        sampler=make_sampler(sweep),
+    )
+    epochs = sweep.base_search().epochs
+    if sweep.scheduler.type == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=sweep.scheduler.metric,
+            mode=sweep.scheduler.mode,
+            max_t=epochs,
+            grace_period=min(sweep.scheduler.grace_period, epochs),
+            reduction_factor=sweep.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    storage_path, storage_filesystem = storage.ray_storage()
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=sweep.concurrency),
+            scheduler=scheduler,
+            num_samples=sweep.num_samples,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[
+                RunFinalizer(tracking_uri, experiment_id),
+                ProgressPrinter(epochs),
+                preflight.WaitingTrials({"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}),
+            ],
+            # Ray's own status table stays off: ProgressPrinter reports what matters here.
+            verbose=0,
+        ),
+    )
+
+
+def _trial_summary(result) -> TrialSummary:
+    status = "ERROR" if result.error else ("DIVERGED" if result.metrics.get("diverged") else "TERMINATED")
+    trial_id = result.metrics.get("trial_id") or Path(result.path).name
+    error = str(result.error).strip().splitlines()[-1] if result.error else result.metrics.get("failure")
+    return TrialSummary(trial_id, status, dict(result.config or {}), dict(result.metrics), error)
 
 
 def _summarise(client, parent_run_id: str, sweep: SweepConfig, outcome: SweepOutcome) -> None:

@@ -24,11 +24,13 @@ from typing import Any
 
 from ray import tune
 
-from nas.network import EvalNetwork, count_parameters
-from nas.search import CHECKPOINT, EpochEvent, SearchConfig, SearchDiverged, arch_lr_scale, run_search, steps_per_epoch
+from nas.metrics import DISCRETIZED_ACC, DROP, FINAL_METRICS, PARAMS, SUPERNET_ACC, VALID_ACC, derived_params
+from nas.runtime import CHECKPOINT, EpochEvent
+from nas.search import SearchDiverged, run_search
+from nas.settings import SearchConfig, arch_lr_scale, steps_per_epoch
 
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
-from .config import FINAL_METRICS, method_label, trial_search
+from .config import method_label, trial_search
 from .presentation import COLOUR_TAG, NOTE_TAG, method_colour, mlflow_metrics, report_names, trial_note
 from .threads import place_threads
 from .tracking import PENDING_FILE, TrackedRun, params_of
@@ -53,12 +55,6 @@ def trial_name(method: str, config: SearchConfig, trial_id: str) -> str:
     target = config.resolved_target().slug()
     slug = re.sub(r"[^0-9A-Za-z.=]+", "-", method).strip("-")
     return f"{slug}-{target}-seed{config.seed}-{trial_id}"
-
-
-def derived_params(genotype) -> int:
-    """Parameters of the derived architecture's CIFAR-10 evaluation network (20 cells, C=36, the
-    published convention: auxiliary head excluded)."""
-    return count_parameters(EvalNetwork(genotype, 36, 20, 10, auxiliary=False))
 
 
 def _report(metrics: Mapping[str, Any], checkpoint_file: Path | None, extra: Path | None = None) -> None:
@@ -99,9 +95,9 @@ def _restore_checkpoint(out_dir: Path) -> None:
 def _stored_result(run) -> dict[str, Any]:
     data = run.client.get_run(run.run_id).data
     stored = report_names(data.metrics)
-    result = {k: v for k, v in stored.items() if k in FINAL_METRICS or k in ("discretized_acc", "drop")}
-    if "supernet_acc" in result:
-        result["valid_acc"] = result["supernet_acc"]
+    result = {k: v for k, v in stored.items() if k in FINAL_METRICS or k in (DISCRETIZED_ACC, DROP)}
+    if SUPERNET_ACC in result:
+        result[VALID_ACC] = result[SUPERNET_ACC]
     with tempfile.TemporaryDirectory() as tmp:
         genotype = Path(run.client.download_artifacts(run.run_id, "genotype.json", tmp)).read_text()
     return {**result, "genotype": json.dumps(json.loads(genotype)), "mlflow_run_id": run.run_id, "diverged": 0.0}
@@ -183,7 +179,7 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         raise
 
     final = {k: v for k, v in result.metrics.items() if k in FINAL_METRICS}
-    final["params"] = float(derived_params(result.genotype))
+    final[PARAMS] = float(derived_params(result.genotype))
     final["search_seconds"] = search_seconds
     tick = time.perf_counter()
     # The last epoch already logged the supernet and discretized accuracies and the drop at this

@@ -1,0 +1,160 @@
+"""What a search and an evaluation share at run time: how they compute (RuntimeConfig, the device),
+the per-epoch event their callbacks receive, the weight learning-rate schedule, the checkpoint and
+result files of an output directory and when a run may resume from them, and phase timing.
+
+`nas.search` and `nas.evaluate` are siblings that both build on this module; neither imports the
+other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .config import ConfigError, flatten_mapping
+
+# The files of a run's output directory: the last epoch's state, and the finished run's result.
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+@dataclass
+class RuntimeConfig:
+    """How a search computes, not what: every setting gives the same result up to floating-point
+    round-off (tests/test_fused.py), so a search may resume under other ones. The defaults are the
+    fastest measured on each device (docs/gpu.md)."""
+
+    # The fused forward (nas/fused.py) instead of the DARTS-style loop over every op of every edge.
+    fused: bool = True
+    # channels-last tensors. Unset: on the CPU (oneDNN runs the grouped convolutions faster), not on
+    # CUDA, where cuDNN's weight gradients of the fused search's grouped 1x1 convolutions came out
+    # wrong in channels-last (docs/gpu.md); a search on CUDA refuses it.
+    channels_last: bool | None = None
+    # bf16 autocast for the forward. `auto`: float32 for the search everywhere (on an H200 its step
+    # is bound by kernel launches, and bf16's casts made it no faster); for the evaluation networks,
+    # bf16 on GPUs that compute it natively (compute capability >= 8.0: A100, A10G, L4, H100, ...)
+    # and float32 on the CPU and older GPUs (T4, V100), where bf16 is emulated and fp16 would need
+    # loss scaling. `bf16` forces it anywhere; `off` never.
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    # torch.compile the supernet (in place; CUDA mainly: on CPU it needs a C++ compiler and minutes).
+    compile: bool = False
+
+    def autocast_dtype(self, device: torch.device, workload: Literal["search", "evaluate"] = "search"):
+        """The autocast dtype on `device`; None: float32, no autocast."""
+        if self.amp == "bf16":
+            return torch.bfloat16
+        if (
+            self.amp == "auto"
+            and workload == "evaluate"
+            and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (8, 0)
+        ):
+            return torch.bfloat16
+        return None
+
+    def memory_format(
+        self, device: torch.device, workload: Literal["search", "evaluate"] = "search"
+    ) -> torch.memory_format:
+        """channels-last where asked for, and when unset on the CPU only."""
+        if self.channels_last is None:
+            return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        if self.channels_last and device.type == "cuda" and self.fused and workload == "search":
+            raise ConfigError(
+                "runtime.channels_last",
+                True,
+                "gives wrong convolution gradients in the fused search on CUDA (cuDNN, grouped 1x1 "
+                "convolutions in channels-last); leave it unset (contiguous on CUDA) or set false",
+            )
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "no CUDA device is visible here; use cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class EpochEvent:
+    """What a callback receives after every epoch. `metrics` are flat scalars for trackers."""
+
+    epoch: int
+    epochs: int
+    record: dict[str, Any]
+    metrics: dict[str, float]
+    checkpoint_path: Path | None
+
+
+def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
+    """The weight learning rate of 1-based `epoch`: the reference steps its cosine schedule at the
+    start of every epoch, so epoch 1 already uses the value after one step and the last lr_min."""
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+# ----------------------------------------------------------------------- checkpoints and resuming
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint, read without executing code (`weights_only=True`)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_atomic(state: Mapping[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any], free: Collection[str]) -> list[str]:
+    """The dotted settings, sorted, in which two configs (as nested dicts) differ, leaving out
+    those in `free`: settings that change where or how fast a run computes, not what."""
+    old = {k: v for k, v in flatten_mapping(saved).items() if k not in free}
+    new = {k: v for k, v in flatten_mapping(current).items() if k not in free}
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def check_resumable(
+    saved: Mapping[str, Any], current: Mapping[str, Any], free: Collection[str], path: Path, what: str = "search"
+) -> None:
+    """Raises a ConfigError naming the first setting in which the run stored at `path` differs from
+    `current` (settings in `free` may differ)."""
+    changed = changed_settings(saved, current, free)
+    if changed:
+        key = changed[0]
+        old = flatten_mapping(saved).get(key)
+        raise ConfigError(
+            key,
+            flatten_mapping(current).get(key),
+            f"{path} holds a {what} with {key}={old!r}; resume it with the same config or use another output directory",
+        )
+
+
+# ----------------------------------------------------------------------- timing and progress
+class PhaseClock:
+    """Seconds per named phase of an epoch, lap by lap."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar for a person watching, or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
