@@ -1,5 +1,5 @@
-"""A sweep interrupted twice, first with SIGTERM (handled as Ctrl-C) and then by a SIGKILL of its
-driver, and finished with --resume each time: every trial ends exactly once (no finished trial
+"""A sweep interrupted twice, first with SIGTERM (handled as Ctrl-C; its evaluation stage does not
+start) and then by a SIGKILL of its driver, and finished with --resume each time: every trial ends exactly once (no finished trial
 repeated, no duplicate trial run, no run left RUNNING), and Optuna's study and sampler state carry
 over. All of it beside a stale Ray address file (a cluster stopped uncleanly): without --address
 the driver starts its own Ray each time."""
@@ -52,9 +52,22 @@ def run_until(command: list[str], db: Path, finished: int, env: dict, cwd: Path)
 def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     # A wide integer range: a sampler restarted from scratch would propose the same seeds again.
     seeds = {"type": "int", "low": 0, "high": 1_000_000}
+    # An evaluation stage that must not start while the sweep is interrupted, only at its end.
+    evaluate = {
+        "top": 1,
+        "by": "discretized_acc",
+        "settings": {
+            "epochs": 1,
+            "layers": 5,
+            "channels": 8,
+            "batch_size": 64,
+            "device": "cpu",
+            "data": {"subset": 128, "test_subset": 64, "synthetic": True},
+        },
+    }
     sweep = tiny_sweep_config(
         "resume", space={"preset": {"choices": ["darts", "da2s"]}, "seed": seeds},
-        sampler={"type": "tpe", "seed": 7}, num_samples=3,
+        sampler={"type": "tpe", "seed": 7}, num_samples=3, concurrency=2, evaluate=evaluate,
     )  # fmt: skip
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -78,6 +91,7 @@ def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
     assert parent.info.status == "KILLED"
     assert not [r for r in runs if r.info.status == "RUNNING"]  # nothing left RUNNING
+    assert not [r for r in runs if r.data.tags.get("kind") == "evaluation"]  # no evaluation started
     before = finished_trials(db)
     assert len(before) >= 1
 
@@ -108,6 +122,8 @@ def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     assert not [r for r in runs if r.info.status == "RUNNING"]  # no orphan left RUNNING
     # A trial in flight when the driver died before saving its state is replaced; its run says so.
     assert all(r.data.tags.get("lost") for r in trials if r.info.status != "FINISHED")
+    evaluations = [r for r in runs if r.data.tags.get("kind") == "evaluation"]
+    assert [r.info.status for r in evaluations] == ["FINISHED"]  # the best trial's, once, at the end
     for trial_id, old in before.items():  # finished trials were not run again
         new = next(r for r in finished if r.data.tags["trial_id"] == trial_id)
         assert new.info.end_time == old.info.end_time

@@ -178,9 +178,14 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "skip_connect ops per level" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "skip_connect ops per level" in report
+    # The evaluated trials: their search drops beside their retrained test accuracies.
+    evaluated = sum(e.status == "FINISHED" for e in outcome.evaluations)
+    assert "## Search vs. retrained accuracy (cifar10)" in report and f"(n = {evaluated})" in report
     pictures = {p.name for p in out.glob("*.png")}
-    assert pictures == {"drops.png", "skip_connect.png", "alpha_darts_normal.png", "alpha_darts_reduce.png",
+    assert pictures == {"drops.png", "skip_connect.png", "drop_vs_accuracy.png",
+                        "alpha_darts_normal.png", "alpha_darts_reduce.png",
                         "alpha_da2s_normal.png", "alpha_da2s_reduce.png",
                         "edge_weights_da2s_normal.png", "edge_weights_da2s_reduce.png"}  # fmt: skip
 

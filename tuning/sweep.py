@@ -299,7 +299,10 @@ def run_sweep(
     )
     if results is not None:
         outcome.trials = [_trial_summary(result) for result in results]
-        outcome.interrupted = len(outcome.trials) < (sweep.num_samples or 0)
+        # Ray Tune ends fit() without an exception on Ctrl-C / SIGTERM and reports the trials it
+        # stopped or never started as TERMINATED: those lack the final result (the genotype).
+        unfinished = [t for t in outcome.trials if not _finished(t, sweep)]
+        outcome.interrupted = bool(unfinished) or len(outcome.trials) < (sweep.num_samples or 0)
     if not outcome.interrupted and sweep.evaluate is not None:
         try:
             outcome.evaluations = run_evaluation_stage(
@@ -383,6 +386,15 @@ def _trial_summary(result) -> TrialSummary:
     trial_id = result.metrics.get("trial_id") or Path(result.path).name
     error = str(result.error).strip().splitlines()[-1] if result.error else result.metrics.get("failure")
     return TrialSummary(trial_id, status, dict(result.config or {}), dict(result.metrics), error)
+
+
+def _finished(trial: TrialSummary, sweep: SweepConfig) -> bool:
+    """Whether the trial reached an end: its final result, an error, a divergence, or (with a
+    scheduler) an early stop after reporting. A trial interrupted by the scheduler-less sweep's
+    stop, or one that never reported, did not."""
+    if trial.status != "TERMINATED" or "genotype" in trial.metrics:
+        return True
+    return sweep.scheduler.type != "none" and "training_iteration" in trial.metrics
 
 
 def _summarise(client, parent_run_id: str, sweep: SweepConfig, outcome: SweepOutcome) -> None:
