@@ -44,7 +44,7 @@ from .runtime import (
     resolve_device,
     save_atomic,
 )
-from .settings import RESUME_FREE, SearchConfig, arch_lr_scale
+from .settings import RESUME_FREE, SearchConfig, arch_lr_scale, lr_scale_capped_message
 from .space import SearchSpace, Target
 from .supernet import Architecture, Supernet
 
@@ -131,6 +131,8 @@ class Search:
             supernet.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
         )
         scale = arch_lr_scale(config, steps_per_epoch)
+        if (capped := lr_scale_capped_message(config, steps_per_epoch)) is not None:
+            log.warning(capped)
         alpha_lr, beta_lr = config.alpha.lr * scale, config.beta.lr * scale
         groups = [{"params": arch.alpha_parameters(), "lr": alpha_lr}]
         if arch.beta_parameters():
@@ -395,6 +397,8 @@ def run_search(
         "device": str(device),
         "seconds": time.perf_counter() - started,
     }
+    if (capped := lr_scale_capped_message(config, steps_per_epoch)) is not None:
+        info["arch_lr_scale_capped"] = capped
     if device.type == "cuda":
         info["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result = SearchResult(config, history, genotype, metrics, info, out)

@@ -27,6 +27,8 @@ from .supernet import check_beta_swap
 
 # Architecture steps of the reference search: 50 epochs of ceil(25000 / 64) batches.
 REFERENCE_ARCH_STEPS = 50 * math.ceil(25_000 / 64)
+# The default cap of `arch_optim.lr_scale: auto` (docs/science.md D8).
+AUTO_LR_SCALE_MAX = 100.0
 # Fields that do not change what a search computes; a resumed search may differ in them.
 RESUME_FREE = (
     "device",
@@ -73,6 +75,9 @@ class ArchOptimConfig:
     # Multiplies the alpha and beta learning rates; `auto` = reference steps / this run's steps
     # (docs/science.md D8): a short search needs larger steps for alpha and beta to move.
     lr_scale: float | Literal["auto"] = 1.0
+    # The most `auto` gives (D8): a search of a few steps would otherwise get a scale of thousands,
+    # an Adam step of about one unit of alpha per step, and diverge. A number in lr_scale is not capped.
+    lr_scale_auto_max: float = field(default=AUTO_LR_SCALE_MAX, metadata={"gt": 0.0})
 
     def validate(self, path: str) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -209,6 +214,30 @@ def steps_per_epoch(config: SearchConfig) -> int:
 
 
 def arch_lr_scale(config: SearchConfig, steps_per_epoch: int) -> float:
+    """The factor on the alpha and beta learning rates: `arch_optim.lr_scale`, or for `auto` the
+    reference's architecture steps over this search's, at most `arch_optim.lr_scale_auto_max`."""
     if config.arch_optim.lr_scale == "auto":
-        return REFERENCE_ARCH_STEPS / (config.epochs * steps_per_epoch)
+        return min(auto_lr_scale(config, steps_per_epoch), config.arch_optim.lr_scale_auto_max)
     return float(config.arch_optim.lr_scale)
+
+
+def auto_lr_scale(config: SearchConfig, steps_per_epoch: int) -> float:
+    """The reference's architecture steps over this search's, uncapped."""
+    return REFERENCE_ARCH_STEPS / (config.epochs * steps_per_epoch)
+
+
+def lr_scale_capped_message(config: SearchConfig, steps_per_epoch: int) -> str | None:
+    """Why `auto` gives less than the step ratio, naming the field and the step counts; None if it does not."""
+    if config.arch_optim.lr_scale != "auto":
+        return None
+    raw = auto_lr_scale(config, steps_per_epoch)
+    cap = config.arch_optim.lr_scale_auto_max
+    if raw <= cap:
+        return None
+    steps = config.epochs * steps_per_epoch
+    return (
+        f"arch_optim.lr_scale: auto would be {REFERENCE_ARCH_STEPS} reference steps / {steps} architecture steps "
+        f"({config.epochs} epochs x {steps_per_epoch}) = {raw:.4g}; capped at arch_optim.lr_scale_auto_max = "
+        f"{cap:g} (docs/science.md D8), so alpha and beta travel about {100 * cap / raw:.2g} % of the reference's "
+        f"distance; give lr_scale a number to go beyond it"
+    )

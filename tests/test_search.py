@@ -130,7 +130,8 @@ def test_divergence_is_reported_with_its_reason(tiny_data):
 
 def test_arch_lr_scale_auto_follows_the_step_ratio(tiny_data):
     config = SearchConfig.resolve(
-        "da2s", tiny_search_config(epochs=2, arch_optim={"lr_scale": "auto"}, alpha={"warmup": 0.75})
+        "da2s",
+        tiny_search_config(epochs=2, arch_optim={"lr_scale": "auto", "lr_scale_auto_max": 1e6}, alpha={"warmup": 0.75}),
     )
     result = run_search(config, data=tiny_data)
     steps = result.info["steps_per_epoch"]
@@ -138,3 +139,34 @@ def test_arch_lr_scale_auto_follows_the_step_ratio(tiny_data):
     assert result.history[1]["beta_lr"] == pytest.approx(3e-4 * 19550 / (2 * steps))
     assert result.history[0]["alpha_lr"] == 0.0  # alpha frozen before the warm-up epoch 2
     assert result.history[1]["alpha_lr"] == pytest.approx(1e-4 * 0 + 3e-4 * 19550 / (2 * steps))
+
+
+def test_arch_lr_scale_auto_is_capped_and_says_so():
+    """`auto` on a search of a few steps would give thousands (a 1-epoch search on 256 images:
+    19550 / 2 steps = 9775) and diverge; it is capped at lr_scale_auto_max, with a message naming
+    the field and the step counts (docs/science.md D8). A number is taken as given."""
+    from nas.config import ConfigError
+    from nas.settings import arch_lr_scale, lr_scale_capped_message, steps_per_epoch
+
+    short = SearchConfig.resolve(
+        "da2s",
+        tiny_search_config(epochs=1, batch_size=64, arch_optim={"lr_scale": "auto"}, data=tiny_data_config(subset=256)),
+    )
+    steps = steps_per_epoch(short)
+    assert steps == 2 and arch_lr_scale(short, steps) == 100.0
+    message = lr_scale_capped_message(short, steps)
+    assert "arch_optim.lr_scale" in message and "19550 reference steps / 2 architecture steps" in message
+    assert "= 9775" in message and "lr_scale_auto_max = 100" in message
+    paper = SearchConfig.resolve("da2s", {"arch_optim": {"lr_scale": "auto"}})
+    assert arch_lr_scale(paper, steps_per_epoch(paper)) == pytest.approx(1.0, abs=1e-3)
+    assert lr_scale_capped_message(paper, steps_per_epoch(paper)) is None
+    table4_cpu = SearchConfig.resolve(
+        "da2s", {"epochs": 10, "arch_optim": {"lr_scale": "auto"}, "data": {"subset": 3200}}
+    )
+    assert arch_lr_scale(table4_cpu, steps_per_epoch(table4_cpu)) == pytest.approx(78.2)  # below the cap
+    explicit = SearchConfig.resolve("da2s", {"arch_optim": {"lr_scale": 5000}})
+    assert arch_lr_scale(explicit, 2) == 5000.0 and lr_scale_capped_message(explicit, 2) is None
+    raised = SearchConfig.resolve("da2s", {"epochs": 1, "arch_optim": {"lr_scale": "auto", "lr_scale_auto_max": 500}})
+    assert arch_lr_scale(raised, 2) == 500.0
+    with pytest.raises(ConfigError, match=r"arch_optim\.lr_scale_auto_max"):
+        SearchConfig.resolve("da2s", {"arch_optim": {"lr_scale_auto_max": 0}})
