@@ -140,8 +140,7 @@ def summarise(trials: Sequence[TrialRecord]) -> list[Row]:
         }
         values[PARAMS] = [v / 1e6 for v in values[PARAMS]]
         rows.append(Row(method, target, len(members), values))
-    method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    rows.sort(key=lambda r: (_target_key(r.target), method_rank.get(r.method, 99), r.method))
+    rows.sort(key=lambda r: (_target_key(r.target), _method_key(r.method)))
     return rows
 
 
@@ -161,6 +160,11 @@ def report_text(
     if layout == "table4":
         text += table4(rows) + "\n\nAll columns:\n\n"
     return text + markdown_table(rows) + "\n"
+
+
+def _method_key(method: str) -> tuple:
+    """The known methods in METHOD_ORDER, then any others by name."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def _target_key(target: str) -> tuple:
@@ -196,8 +200,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 def table4(rows: Sequence[Row]) -> str:
     """Targets in rows; per method: supernet, discretized, drop (and the drop after BN recal)."""
-    methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
-    methods += sorted({r.method for r in rows} - set(methods))
+    methods = sorted({r.method for r in rows}, key=_method_key)
     targets = sorted({r.target for r in rows}, key=_target_key)
     by_key = {(r.method, r.target): r for r in rows}
     header = ["target"]
@@ -235,8 +238,7 @@ def plot_drops(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     BN recalibration."""
     plt = pyplot()
 
-    methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
-    methods += sorted({r.method for r in rows} - set(methods))
+    methods = sorted({r.method for r in rows}, key=_method_key)
     targets = sorted({r.target for r in rows}, key=_target_key)
     by_key = {(r.method, r.target): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(targets) * 2), 3.8), sharey=True)
@@ -366,9 +368,8 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 def retrained(trials: Sequence[TrialRecord], dataset: str = "cifar10") -> list[TrialRecord]:
     """The trials whose derived architecture the evaluation stage trained on `dataset`, by method and seed."""
-    method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     found = [t for t in trials if f"{dataset}_test_error" in t.metrics]
-    return sorted(found, key=lambda t: (_target_key(t.target), method_rank.get(t.method, 99), t.method, t.seed))
+    return sorted(found, key=lambda t: (_target_key(t.target), _method_key(t.method), t.seed))
 
 
 def drop_vs_error_text(trials: Sequence[TrialRecord], dataset: str = "cifar10") -> str:
@@ -412,8 +413,7 @@ def plot_drop_vs_error(
         return None
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), sharey=True)
-    methods = [m for m in METHOD_ORDER if any(t.method == m for t in found)]
-    methods += sorted({t.method for t in found} - set(methods))
+    methods = sorted({t.method for t in found}, key=_method_key)
     for ax, metric, label in ((axes[0], DROP, "drop (stored BN statistics)"),
                               (axes[1], DROP_BN_RECAL, "drop after BN recalibration")):  # fmt: skip
         for method in methods:
