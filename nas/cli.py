@@ -61,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a field with a dotted key, e.g. model.channels=8 or target='3 of 14'",
     )
+    search.add_argument(
+        "--derive",
+        dest="derive_targets",
+        action="append",
+        default=[],
+        metavar="TARGET",
+        help="also derive and measure the finished search under TARGET, e.g. '3 of 14' (repeatable; only for "
+        "searches without edge parameters, whose training the target does not change: docs/science.md D14)",
+    )
     search.add_argument("--data-root", help="CIFAR-10 directory (wins over data.root and $NAS_DATA_ROOT)")
     search.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
     search.add_argument("-q", "--quiet", action="store_true", help="no progress bar or epoch log")
@@ -104,10 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
         if args.command == "search":
-            config = SearchConfig.resolve(args.preset, args.config, args.overrides, args.data_root)
+            overrides = list(args.overrides)
+            if args.derive_targets:
+                overrides.append(f"derive_targets={json.dumps(args.derive_targets)}")
+            config = SearchConfig.resolve(args.preset, args.config, overrides, args.data_root)
             result = run_search(config, args.out, progress=not quiet, resume=not args.no_resume)
             print(f"\ngenotype ({result.info['target']}):\n{result.genotype.describe()}\n")
             print(metrics_table(result.metrics))
+            for derivation in result.derivations:
+                print(f"\nderived under {derivation.target} (derive/{derivation.slug}/):")
+                print(f"{derivation.genotype.describe()}\n")
+                print(metrics_table(derivation.metrics))
             print(f"\nresults in {args.out}/ (result.json, genotype.json, cells/, plots/)")
         elif args.command == "derive":
             genotype, metrics = rederive(args.dir, args.target, data_root=args.data_root, device=args.device)

@@ -81,6 +81,19 @@ FINAL_METRICS = (
     PARAMS,
 )
 EPOCH_METRICS = (VALID_ACC, VALID_LOSS, TRAIN_ACC, TRAIN_LOSS, ARCH_CE, DISCRETIZED_ACC, DROP)
+# A final metric under a further target of the same search (docs/science.md D14): `discretized_acc@3of14`.
+DERIVED_SEPARATOR = "@"
+
+
+def derived_metric_name(name: str, slug: str) -> str:
+    """The flat name of metric `name` under the derived target whose slug is `slug`."""
+    return f"{name}{DERIVED_SEPARATOR}{slug}"
+
+
+def split_derived(name: str) -> tuple[str, str]:
+    """(`discretized_acc`, `3of14`) for `discretized_acc@3of14`; (name, "") for a plain name."""
+    base, _, slug = name.partition(DERIVED_SEPARATOR)
+    return base, slug
 
 
 def trained_edge_weights(arch_weights: ArchWeights) -> list[torch.Tensor | None]:

@@ -56,6 +56,24 @@ class SearchDiverged(RuntimeError):
 
 
 @dataclass
+class Derivation:
+    """A search's genotype under one target and its discretization metrics, the same as the final
+    ones of a search under that target where the target does not shape the search (D14)."""
+
+    target: str  # Target.describe()
+    slug: str  # Target.slug(): the directory derive/<slug>/ and the metric suffix @<slug>
+    genotype: Genotype
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "slug": self.slug, "genotype": self.genotype.to_dict(), "metrics": self.metrics}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Derivation:
+        return cls(data["target"], data["slug"], Genotype.from_dict(data["genotype"]), dict(data["metrics"]))
+
+
+@dataclass
 class SearchResult:
     config: SearchConfig
     history: list[dict[str, Any]]
@@ -63,6 +81,8 @@ class SearchResult:
     metrics: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
+    # Under `config.derive_targets`, in their order (docs/science.md D14).
+    derivations: list[Derivation] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], out_dir: Path | None = None) -> SearchResult:
@@ -73,6 +93,7 @@ class SearchResult:
             dict(data["metrics"]),
             dict(data.get("info", {})),
             out_dir,
+            [Derivation.from_dict(d) for d in data.get("derivations", [])],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,9 +102,14 @@ class SearchResult:
             "target": self.genotype.meta.get("target"),
             "genotype": self.genotype.to_dict(),
             "metrics": self.metrics,
+            "derivations": [d.to_dict() for d in self.derivations],
             "info": self.info,
             "history": self.history,
         }
+
+    def derived_metrics(self) -> dict[str, float]:
+        """Every derivation's metrics under their flat names (`discretized_acc@3of14`, ...)."""
+        return {m.derived_metric_name(k, d.slug): v for d in self.derivations for k, v in d.metrics.items()}
 
 
 @dataclass
@@ -163,6 +189,13 @@ class Search:
             "torch_rng": torch.get_rng_state(),
         }
 
+    def derive(self, target: Target, data: SearchData) -> Derivation:
+        """The genotype under `target` and its discretization metrics (with the convergence ones)."""
+        genotype = derive_genotype(self.arch, target)
+        metrics = self.discretize(genotype, data)
+        metrics.update(m.convergence_metrics(self.arch, genotype))
+        return Derivation(target.describe(), target.slug(), genotype, metrics)
+
     def discretize(self, genotype: Genotype, data: SearchData) -> dict[str, float]:
         """Supernet and discretized accuracies of `genotype` on the evaluation set (docs/science.md D4)."""
         config = self.config
@@ -211,6 +244,9 @@ def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
     _check_resumable(stored["config"], config, out / RESULT)
     if len(stored["history"]) != config.epochs:
         return None
+    wanted = [t.describe() for t in config.resolved_derive_targets()]
+    if [d["target"] for d in stored.get("derivations", [])] != wanted:
+        return None  # the final epoch's checkpoint derives them again
     log.info("resuming %s: the search is finished; its result is in %s", out, out / RESULT)
     return SearchResult.from_dict(stored, out)
 
@@ -410,11 +446,41 @@ def run_search(
         metrics[m.DISCRETIZED_BN_RECAL_ACC],
         genotype.describe(),
     )
+    for target in config.resolved_derive_targets(search.space):
+        derivation = search.derive(target, data)
+        result.derivations.append(derivation)
+        log.info(
+            "derived under %s: discretized %.2f%% (drop %.2f); genotype\n%s",
+            derivation.target,
+            derivation.metrics[m.DISCRETIZED_ACC],
+            derivation.metrics[m.DROP],
+            derivation.genotype.describe(),
+        )
+        if out is not None:
+            write_derivation(out, derivation, config.epochs, search.space, artifacts)
+    info["seconds"] = time.perf_counter() - started
     if out is not None:
         (out / RESULT).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         if artifacts:
             write_artifacts(out, genotype, history, search.space)
     return result
+
+
+def write_derivation(out: Path, derivation: Derivation, epoch: int, space: SearchSpace, artifacts: bool = True) -> Path:
+    """OUT/derive/<slug>/: result.json (target, epoch, genotype, metrics) and, with `artifacts`, the
+    genotype and its cell drawings."""
+    target_dir = out / "derive" / derivation.slug
+    target_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "target": derivation.target,
+        "epoch": epoch,
+        "genotype": derivation.genotype.to_dict(),
+        "metrics": derivation.metrics,
+    }
+    (target_dir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    if artifacts:
+        write_artifacts(target_dir, derivation.genotype, [], space)
+    return target_dir
 
 
 def rederive(
@@ -446,14 +512,6 @@ def rederive(
     new_target = Target.parse(target, search.space, "--target")
     genotype = derive_genotype(search.arch, new_target)
     metrics = search.discretize(genotype, data)
-    target_dir = out / "derive" / new_target.slug()
-    target_dir.mkdir(parents=True, exist_ok=True)
-    result = {
-        "target": new_target.describe(),
-        "epoch": state["epoch"],
-        "genotype": genotype.to_dict(),
-        "metrics": metrics,
-    }
-    (target_dir / RESULT).write_text(json.dumps(result, indent=2) + "\n")
-    write_artifacts(target_dir, genotype, [], search.space)
+    derivation = Derivation(new_target.describe(), new_target.slug(), genotype, metrics)
+    write_derivation(out, derivation, state["epoch"], search.space)
     return genotype, metrics

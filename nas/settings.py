@@ -38,6 +38,7 @@ RESUME_FREE = (
     "runtime.channels_last",
     "runtime.amp",
     "runtime.compile",
+    "derive_targets",  # measured after the search; they do not change it
 )
 
 
@@ -119,6 +120,9 @@ class SearchConfig:
     # As written (`[2, 2, 2, 2]`, `3 of 14`, per cell type or level); validate() stores its
     # canonical form, and resolved_target() the parsed Target.
     target: TargetSpec = (2, 2, 2, 2)
+    # Further targets the finished search is derived and measured under (docs/science.md D14), as
+    # if searched under each: only where the target does not shape the search (no edge parameters).
+    derive_targets: tuple[TargetSpec, ...] = ()
     model: ModelConfig = field(default_factory=ModelConfig)
     alpha: AlphaConfig = field(default_factory=AlphaConfig)
     beta: BetaConfig = field(default_factory=BetaConfig)
@@ -164,6 +168,24 @@ class SearchConfig:
         target = self.resolved_target()
         self.target = target.to_spec()
         self._target = (self.target, target)
+        extra: list[Target] = []
+        for i, spec in enumerate(self.derive_targets):
+            other = Target.parse(spec, target.space, f"derive_targets[{i}]")
+            if other == target or other in extra:
+                raise ConfigError(
+                    f"derive_targets[{i}]", spec, "repeats the search's target or an earlier entry; list each once"
+                )
+            extra.append(other)
+        if extra and self.search_uses_target():
+            raise ConfigError(
+                "derive_targets",
+                [t.to_spec() for t in extra],
+                "must be empty with edge_params: true: the target shapes such a search (beta's layout, the "
+                "edge-count and edge-entropy terms), so deriving it under another target does not stand for a "
+                "search under that target; search once per target, or re-derive explicitly with "
+                "`python -m nas derive` (docs/science.md D14)",
+            )
+        self.derive_targets = tuple(t.to_spec() for t in extra)
         if not self.edge_params:
             for name in ("edge_entropy", "edge_count"):
                 if getattr(self.loss, name).weight > 0:
@@ -196,6 +218,15 @@ class SearchConfig:
         target = Target.parse(self.target, space)
         self._target = (self.target, target)
         return target
+
+    def resolved_derive_targets(self, space: SearchSpace | None = None) -> list[Target]:
+        space = space or self.space()
+        return [Target.parse(spec, space, f"derive_targets[{i}]") for i, spec in enumerate(self.derive_targets)]
+
+    def search_uses_target(self) -> bool:
+        """Whether the target changes what the search trains, not only how it is derived: it lays out
+        beta and drives the edge terms, which exist only with edge parameters (docs/science.md D14)."""
+        return self.edge_params
 
     def to_dict(self) -> dict[str, Any]:
         return cfg.to_dict(self)

@@ -170,3 +170,55 @@ def test_arch_lr_scale_auto_is_capped_and_says_so():
     assert arch_lr_scale(raised, 2) == 500.0
     with pytest.raises(ConfigError, match=r"arch_optim\.lr_scale_auto_max"):
         SearchConfig.resolve("da2s", {"arch_optim": {"lr_scale_auto_max": 0}})
+
+
+def test_one_darts_search_derived_under_several_targets_equals_one_search_per_target(tmp_path, tiny_data):
+    """DARTS trains no parameter that depends on the target, so one search derived under A, B and C
+    gives each target exactly the genotype and accuracies of its own search (docs/science.md D14)."""
+    targets = ["[2, 2, 2, 2]", "3 of 14", "[1, 1, 2, 3]"]
+    shared = SearchConfig.resolve("darts", tiny_search_config(target=targets[0], derive_targets=targets[1:], seed=3))
+    result = run_search(shared, tmp_path / "shared", data=tiny_data)
+    assert [d.target for d in result.derivations] == targets[1:]
+    separate = {
+        t: run_search(SearchConfig.resolve("darts", tiny_search_config(target=t, seed=3)), data=tiny_data)
+        for t in targets[1:]
+    }
+    separate[targets[0]] = result
+    for derivation in result.derivations:
+        own = separate[derivation.target]
+        assert derivation.genotype == own.genotype, derivation.target
+        assert derivation.metrics == own.metrics, derivation.target
+    # Different targets give different cells here, so the equality above means something.
+    assert len({str(g.genotype.to_dict()["levels"]) for g in separate.values()}) == 3
+    flat = result.derived_metrics()
+    assert flat["discretized_acc@3of14"] == separate["3 of 14"].metrics["discretized_acc"]
+    saved = json.loads((tmp_path / "shared" / "derive" / "1-1-2-3" / "result.json").read_text())
+    assert saved["metrics"] == separate["[1, 1, 2, 3]"].metrics and saved["target"] == "[1, 1, 2, 3]"
+    assert (tmp_path / "shared" / "derive" / "3of14" / "cells" / "cell_normal.png").stat().st_size > 0
+    stored = json.loads((tmp_path / "shared" / "result.json").read_text())
+    assert [d["slug"] for d in stored["derivations"]] == ["3of14", "1-1-2-3"]
+
+    # A finished search asked for one more target derives it from its last checkpoint, without searching again.
+    more = SearchConfig.resolve(
+        "darts", tiny_search_config(target=targets[0], derive_targets=[*targets[1:], "5 of 14"], seed=3)
+    )
+    again = run_search(more, tmp_path / "shared", data=tiny_data, artifacts=False)
+    assert again.history == result.history[: len(again.history)] and len(again.history) == shared.epochs
+    assert again.derivations[-1].target == "5 of 14" and again.derivations[0].metrics == result.derivations[0].metrics
+
+
+@pytest.mark.parametrize(
+    ("preset", "derive", "field", "message"),
+    [
+        ("da2s", ["3 of 14"], "derive_targets", "edge_params: true"),
+        ("darts", ["[2, 2, 2, 2]"], "derive_targets[0]", "repeats the search's target"),
+        ("darts", ["3 of 14", "3/14"], "derive_targets[1]", "repeats"),
+        ("darts", ["3 of 9"], "derive_targets[0]", "14 edges"),
+    ],
+)
+def test_derive_targets_are_refused_where_they_would_mislead(preset, derive, field, message):
+    from nas.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        SearchConfig.resolve(preset, tiny_search_config(derive_targets=derive))
+    assert err.value.field == field

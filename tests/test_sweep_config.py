@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from nas.config import ConfigError
-from tuning.config import SweepConfig, method_label
+from tuning.config import GRID_POINT, SweepConfig, method_label
 from tuning.space import SpaceSampler, make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +42,90 @@ def test_shipped_sweeps_validate(path):
 def test_table4_is_the_full_grid_of_decisions_3():
     sweep = SweepConfig.load(ROOT / "sweeps" / "table4.yaml")
     grid = sweep.grid()
-    assert grid["preset"] == ["darts", "da2s"]
-    assert grid["target"] == ["[2, 2, 2, 2]", "3 of 14", "4 of 14", "5 of 14", "6 of 14", "[1, 1, 2, 3]"]
-    assert sweep.num_samples == 2 * 6 * len(grid["seed"]) and sweep.sampler_type() == "grid"
+    targets = ["[2, 2, 2, 2]", "3 of 14", "4 of 14", "5 of 14", "6 of 14", "[1, 1, 2, 3]"]
+    assert grid["preset"] == ["darts", "da2s"] and grid["target"] == targets
     assert sweep.resolve_trial({"preset": "da2s", "target": "3 of 14"}).resolved_target().describe() == "3 of 14"
+    # Every (method, target, seed) of the grid, DARTS's six targets from one search per seed
+    # (docs/science.md D14): 3 DARTS and 18 DA2S searches.
+    points = sweep.grid_points()
+    assert sweep.num_samples == len(points) == 3 + 6 * 3 and sweep.sampler_type() == "grid"
+    covered = sorted((p["preset"], t, p["seed"]) for p in points for t in [p["target"], *p.get("derive_targets", [])])
+    assert covered == sorted((m, t, s) for m in grid["preset"] for t in targets for s in grid["seed"])
+    darts = [p for p in points if p["preset"] == "darts"]
+    assert all(p["target"] == targets[0] and p["derive_targets"] == targets[1:] for p in darts)
+    assert not any("derive_targets" in p for p in points if p["preset"] == "da2s")
+
+
+def test_grid_with_when_and_fold_enumerates_each_trial_once():
+    sweep = SweepConfig.from_dict(
+        {
+            **BASE,
+            "sampler": {"type": "grid"},
+            "num_samples": None,
+            "space": {
+                "preset": {"choices": ["darts", "da2s", "multilevel"]},
+                "loss.op_entropy.weight": {"choices": [0.05, 0.1], "when": {"preset": "multilevel"}},
+                "target": {"choices": ["[2, 2, 2, 2]", "4 of 14"], "fold": True},
+            },
+        }
+    )
+    assert sweep.grid_points() == [
+        {"preset": "darts", "target": "[2, 2, 2, 2]", "derive_targets": ["4 of 14"]},
+        {"preset": "da2s", "target": "[2, 2, 2, 2]"},
+        {"preset": "da2s", "target": "4 of 14"},
+        {
+            "preset": "multilevel",
+            "loss.op_entropy.weight": 0.05,
+            "target": "[2, 2, 2, 2]",
+            "derive_targets": ["4 of 14"],
+        },
+        {
+            "preset": "multilevel",
+            "loss.op_entropy.weight": 0.1,
+            "target": "[2, 2, 2, 2]",
+            "derive_targets": ["4 of 14"],
+        },
+    ]
+    assert sweep.num_samples == 5
+    # Optuna's grid sampler walks the points by index; each trial gets its point's fields.
+    study = optuna.create_study(sampler=make_sampler(sweep))
+    space = SpaceSampler.for_sweep(sweep)
+    seen = []
+    for _ in range(5):
+        trial = study.ask()
+        point = space(trial)
+        seen.append(point)
+        assert trial.params == {GRID_POINT: sweep.grid_points().index(point)}
+        config = sweep.resolve_trial({**trial.params, **point})
+        assert config.preset == point["preset"] and list(config.derive_targets) == point.get("derive_targets", [])
+        if len(seen) < 5:  # the grid sampler stops its study at the last point's result
+            study.tell(trial, 0.0)
+    assert sorted(map(str, seen)) == sorted(map(str, sweep.grid_points()))
+
+
+@pytest.mark.parametrize(
+    ("space", "sampler", "field", "fragment"),
+    [
+        ({"seed": {"choices": [1, 2], "fold": True}}, "grid", "space.seed.fold", "only the categorical `target`"),
+        ({"target": {"choices": ["3 of 14", "4 of 14"], "fold": True}}, "tpe", "space.target.fold", "grid sampler"),
+        (
+            {
+                "target": {"choices": ["3 of 14", "4 of 14"], "fold": True},
+                "seed": {"choices": [1, 2], "when": {"target": "3 of 14"}},
+            },
+            "grid",
+            "space.seed.when",
+            "cannot depend on target",
+        ),
+        ({"target": {"choices": ["3 of 14", "3 of 9"], "fold": True}}, "grid", "space.target.choices[1]", "14 edges"),
+    ],
+)
+def test_bad_fold_names_the_field(space, sampler, field, fragment):
+    data = {**BASE, "sampler": {"type": sampler}, "num_samples": None if sampler == "grid" else 2, "space": space}
+    with pytest.raises(ConfigError) as info:
+        SweepConfig.from_dict(data)
+    assert info.value.field == field, str(info.value)
+    assert fragment in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -41,12 +41,18 @@ def sweep_dict(tmp_path: Path, name: str, **changes) -> dict:
 
 @pytest.fixture(scope="module")
 def e2e_sweep(tmp_path_factory, local_ray):
-    """A finished sweep: DARTS and DA²S, one DA²S trial diverging, an evaluation stage."""
+    """A finished sweep: DARTS and DA²S under two targets, DA²S's beta lr a conditional grid
+    dimension that makes two DA²S trials diverge, DARTS searched once and derived under both
+    targets (a folded target), an evaluation stage."""
     from tuning.sweep import run_sweep
 
     tmp_path = tmp_path_factory.mktemp("e2e")
     # beta.lr 1e30 overflows DA2S's beta (Adam's weight-decay term squared); DARTS has no beta.
-    space = {"preset": {"choices": ["darts", "da2s"]}, "beta.lr": {"choices": [3e-4, 1e30]}}
+    space = {
+        "preset": {"choices": ["darts", "da2s"]},
+        "beta.lr": {"choices": [3e-4, 1e30], "when": {"preset": "da2s"}},
+        "target": {"choices": ["[2, 2, 2, 2]", "3 of 14"], "fold": True},
+    }
     settings = {"epochs": 1, "layers": 5, "channels": 8, "batch_size": 64, "device": "cpu",
                 "data": {"subset": 256, "test_subset": 128, "synthetic": real_data_root() is None, "download": False}}  # fmt: skip
     evaluate = {"top": 2, "by": "discretized_acc", "settings": settings}
@@ -58,12 +64,16 @@ def e2e_sweep(tmp_path_factory, local_ray):
 def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     outcome, tmp_path = e2e_sweep
 
-    statuses = sorted((t.params["preset"], t.params["beta.lr"], t.status) for t in outcome.trials)
+    statuses = sorted(
+        (t.params["preset"], t.params.get("beta.lr"), t.params["target"], t.params.get("derive_targets"), t.status)
+        for t in outcome.trials
+    )
     assert statuses == [
-        ("da2s", 3e-4, "TERMINATED"),
-        ("da2s", 1e30, "DIVERGED"),
-        ("darts", 3e-4, "TERMINATED"),
-        ("darts", 1e30, "TERMINATED"),
+        ("da2s", 3e-4, "3 of 14", None, "TERMINATED"),
+        ("da2s", 3e-4, "[2, 2, 2, 2]", None, "TERMINATED"),
+        ("da2s", 1e30, "3 of 14", None, "DIVERGED"),
+        ("da2s", 1e30, "[2, 2, 2, 2]", None, "DIVERGED"),
+        ("darts", None, "[2, 2, 2, 2]", ["3 of 14"], "TERMINATED"),  # one search for both targets
     ]
     diverged = next(t for t in outcome.trials if t.status == "DIVERGED")
     assert "NaN or infinite" in diverged.error
@@ -72,18 +82,18 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     runs = client.search_runs([outcome.experiment_id])
     parent = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
-    assert len(parent) == 1 and parent[0].info.status == "FINISHED" and len(trials) == 4
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED" and len(trials) == 5
     assert "interrupted" not in parent[0].data.tags
     assert parent[0].data.metrics["trials_finished"] == 3 and "best_discretized_acc" in parent[0].data.metrics
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {outcome.parent_run_id}
     failed = [r for r in trials if r.info.status == "FAILED"]
-    assert len(failed) == 1 and "NaN or infinite" in failed[0].data.tags["failure"]
+    assert len(failed) == 2 and "NaN or infinite" in failed[0].data.tags["failure"]
     for run in trials:
         if run.info.status == "FAILED":
             continue
         assert run.info.status == "FINISHED"
         params = run.data.params
-        assert params["method"] == params["preset"] and params["target"] == "[2, 2, 2, 2]"
+        assert params["method"] == params["preset"] and params["target"] in ("[2, 2, 2, 2]", "3 of 14")
         assert params["model.channels"] == "4" and params["epochs"] == "2" and "arch_lr_scale_effective" in params
         assert params["threads"] == "1"  # resources: {cpu: 1}: the trial computes on one thread
         # One name per quantity, over the epochs and at the end, in sections that put the
@@ -114,7 +124,7 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
         tags = run.data.tags
         assert tags["mlflow.runColor"] == {"darts": "#d62728", "da2s": "#1f77b4"}[params["method"]]
         note = tags["mlflow.note.content"]
-        assert f"**{params['method']}**, target [2, 2, 2, 2]" in note
+        assert f"**{params['method']}**, target {params['target']}" in note
         assert f"| stored BN statistics | {metrics['accuracy/supernet']:.2f} | " in note
         assert f"{metrics['accuracy_bn_recal/drop']:.2f} |" in note and "after BN recalibration" in note
         assert f"**{metrics['network/params_M']:.2f} M** parameters" in note
@@ -129,7 +139,27 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
         genotype = json.loads(
             Path(client.download_artifacts(run.info.run_id, "genotype.json", str(tmp_path))).read_text()
         )
-        assert sum(len(node) for node in genotype["levels"]["normal"]["nodes"]) == 8
+        assert sum(len(node) for node in genotype["levels"]["normal"]["nodes"]) == (
+            8 if params["target"] == "[2, 2, 2, 2]" else 3
+        )
+        if params["method"] == "darts":
+            # Derived under the folded target's other choice: its metrics under their own names, its
+            # genotype and cells under derive/3of14/, a row in the description.
+            assert json.loads(tags["derived_targets"]) == {"3of14": "3 of 14"}
+            for metric in ("accuracy/discretized", "accuracy/drop", "accuracy_bn_recal/drop", "network/params_M"):
+                assert f"{metric}:3of14" in metrics, metric
+            assert metrics["accuracy/supernet:3of14"] == metrics["accuracy/supernet"]
+            derived = json.loads(
+                Path(
+                    client.download_artifacts(run.info.run_id, "derive/3of14/genotype.json", str(tmp_path))
+                ).read_text()
+            )
+            assert sum(len(node) for node in derived["levels"]["normal"]["nodes"]) == 3
+            assert (
+                f"| 3 of 14 | {metrics['accuracy/discretized:3of14']:.2f} | {metrics['accuracy/drop:3of14']:.2f} |"
+                in note
+            )
+            darts_run = run
 
     # The evaluation stage: the two best trials by discretized accuracy, each a child of its trial's run.
     evaluations = [r for r in runs if r.data.tags.get("kind") == "evaluation"]
@@ -149,8 +179,8 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     (sweep_run,) = parent
     assert "drops.png" in {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
     note = sweep_run.data.tags["mlflow.note.content"]
-    assert "DARTS against DA²S on a tiny search." in note and "3 finished trials" in note
-    assert "| darts | [2, 2, 2, 2] | 2 |" in note
+    assert "DARTS against DA²S on a tiny search." in note and "4 finished trials from 3 searches" in note
+    assert "| darts | [2, 2, 2, 2] | 1 |" in note and "| darts | 3 of 14 | 1 |" in note
     assert f"(get-artifact?path=drops.png&run_uuid={sweep_run.info.run_id})" in note
     experiment = client.get_experiment(outcome.experiment_id)
     assert "DARTS against DA²S" in experiment.tags["mlflow.note.content"]
@@ -163,9 +193,14 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     assert all(c["metricKey"] in done.data.metrics for c in state["compareRunCharts"] if "metricKey" in c)
 
     finished, other = load_trials(outcome.tracking_uri, "e2e")
-    assert len(finished) == 3 and len(other) == 1
+    assert len(finished) == 4 and len(other) == 2
     rows = {(r.method, r.target): r for r in summarise(finished)}
-    assert rows[("darts", "[2, 2, 2, 2]")].n == 2 and rows[("da2s", "[2, 2, 2, 2]")].n == 1
+    assert {key: row.n for key, row in rows.items()} == {
+        ("darts", "[2, 2, 2, 2]"): 1, ("darts", "3 of 14"): 1, ("da2s", "[2, 2, 2, 2]"): 1, ("da2s", "3 of 14"): 1
+    }  # fmt: skip
+    folded = darts_run.data.metrics
+    assert rows[("darts", "3 of 14")].stat("discretized_acc")[0] == folded["accuracy/discretized:3of14"]
+    assert rows[("darts", "[2, 2, 2, 2]")].stat("discretized_acc")[0] == folded["accuracy/discretized"]
     table = table4(list(rows.values()))
     assert "darts supernet" in table and "da2s drop" in table
     assert "CIFAR-10 test error" in markdown_table(list(rows.values()))

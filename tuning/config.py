@@ -4,6 +4,7 @@
     search: {preset: da2s, epochs: 12, model: {channels: 8}}   # fixed nas.SearchConfig fields
     space:                            # Optuna, one entry per dotted SearchConfig field
       preset: {choices: [darts, da2s]}
+      target: {choices: ["[2, 2, 2, 2]", "3 of 14"], fold: true}   # grid only: see ParamSpec.fold
       loss.op_entropy.weight: {low: 0.01, high: 0.3, log: true, when: {preset: da2s}}
     objective: {metric: discretized_acc, mode: max}     # or a list: multi-objective
     sampler: {type: tpe, seed: 0}     # tpe | nsga2 | grid | random
@@ -22,7 +23,6 @@ path of the offending entry (e.g. `space.target.choices[2]`).
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import os
 import re
@@ -37,12 +37,21 @@ from nas.settings import SearchConfig
 
 from .storage import check_storage_text
 
+# The one parameter Optuna samples in a grid that is not a product: the index of the trial's point
+# in SweepConfig.grid_points(); the point's fields come with it (tuning.space.SpaceSampler).
+GRID_POINT = "grid_point"
+
 
 @dataclass
 class ParamSpec:
     """One dimension of the Optuna space. `choices` make it categorical; otherwise `low`/`high`
     (with `log` or `step`) make it a float, or an int when `type: int`. `when` makes it conditional:
-    it is sampled only if every listed field (sampled earlier, or fixed) has the listed value."""
+    it is sampled only if every listed field (sampled earlier, or fixed) has the listed value.
+
+    `fold` (the `target` of a grid only): a trial whose search the target does not shape (no edge
+    parameters: DARTS, multi-level) searches once, under the first choice, and is derived under the
+    others (`derive_targets`), which gives each the result of its own search (docs/science.md D14);
+    other trials search once per choice."""
 
     type: Literal["float", "int", "categorical"] | None = None
     low: float | None = None
@@ -51,9 +60,12 @@ class ParamSpec:
     step: float | None = None
     choices: tuple[Any, ...] | None = None
     when: dict[str, Any] | None = None
+    fold: bool = False
 
     def validate(self, path: str) -> None:
         kind = self.kind()
+        if self.fold and (kind != "categorical" or not path.endswith(".target")):
+            raise ConfigError(f"{path}.fold", True, "only the categorical `target` of a grid can be folded")
         if kind == "categorical":
             if not self.choices:
                 raise ConfigError(f"{path}.choices", self.choices, "needs at least one value")
@@ -254,11 +266,16 @@ class SweepConfig:
         sampler = self.sampler_type()
         if sampler == "grid":
             for key, spec in self.space.items():
-                if spec.kind() != "categorical" or spec.when:
+                if spec.kind() != "categorical":
                     raise ConfigError(
                         f"space.{key}",
                         {k: v for k, v in to_dict(spec).items() if v not in (None, False)},
-                        "the grid sampler needs categorical parameters without `when`",
+                        "the grid sampler needs categorical parameters",
+                    )
+                folded = [k for k in spec.when or {} if k in self.space and self.space[k].fold]
+                if folded:
+                    raise ConfigError(
+                        f"space.{key}.when", spec.when, f"cannot depend on {folded[0]}, which `fold` folds per trial"
                     )
             size = self.grid_size()
             if self.num_samples is None:
@@ -269,7 +286,9 @@ class SweepConfig:
                     self.num_samples,
                     f"the grid has {size} points; leave num_samples out or set it to {size}",
                 )
-        elif sampler == "nsga2" and len(objectives) < 2:
+        elif any(spec.fold for spec in self.space.values()):
+            raise ConfigError("space.target.fold", True, f"needs the grid sampler (sampler.type: grid), not {sampler}")
+        if sampler == "nsga2" and len(objectives) < 2:
             raise ConfigError("sampler.type", "nsga2", "NSGA-II is for several objectives; use tpe for one")
         if self.num_samples is None:
             raise ConfigError("num_samples", None, "how many trials to run (an integer >= 1)")
@@ -301,8 +320,45 @@ class SweepConfig:
     def grid(self) -> dict[str, list[Any]]:
         return {key: list(spec.choices) for key, spec in self.space.items()}
 
+    def grid_is_product(self) -> bool:
+        """Whether the grid's trials are every combination of the choices (no `when`, no `fold`)."""
+        return not any(spec.when or spec.fold for spec in self.space.values())
+
     def grid_size(self) -> int:
-        return math.prod(len(values) for values in self.grid().values())
+        if self.grid_is_product():
+            return math.prod(len(values) for values in self.grid().values())
+        return len(self.grid_points())
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """The grid's trials, each its sampled fields: every combination of the choices, a `when`
+        field only where its condition holds, and a folded `target` as one trial under the first
+        choice with `derive_targets` (the others) where the target does not shape the search."""
+        fixed = flatten_mapping(self.search)
+        holds = lambda spec, point: all(  # noqa: E731
+            (point[k] if k in point else fixed.get(k)) == v for k, v in (spec.when or {}).items()
+        )
+        points: list[dict[str, Any]] = [{}]
+        for key, spec in self.space.items():
+            if not spec.fold:
+                points = [q for p in points for q in ([{**p, key: c} for c in spec.choices] if holds(spec, p) else [p])]
+        for key, spec in self.space.items():
+            if spec.fold:
+                unfolded = []
+                for p in points:
+                    if not holds(spec, p):
+                        unfolded.append(p)
+                        continue
+                    for i, choice in enumerate(spec.choices):
+                        self._check_point({**p, key: choice}, f"space.{key}.choices[{i}]")
+                    first = {**p, key: spec.choices[0]}
+                    if self.resolve_trial(first).search_uses_target():
+                        unfolded += [{**p, key: c} for c in spec.choices]
+                    else:
+                        unfolded.append(
+                            {**first, "derive_targets": list(spec.choices[1:])} if len(spec.choices) > 1 else first
+                        )
+                points = unfolded
+        return points
 
     def trial_search_dict(self, params: Mapping[str, Any]) -> dict[str, Any]:
         return trial_search(self.search, params)
@@ -325,8 +381,7 @@ class SweepConfig:
         except ConfigError as err:
             raise ConfigError(f"search.{err.field}", err.value, err.allowed) from None
         if self.sampler_type() == "grid" and self.grid_size() <= 64:
-            points = [dict(zip(self.grid(), combo)) for combo in itertools.product(*self.grid().values())]
-            for point in points:
+            for point in self.grid_points():
                 self._check_point(point)
             return
         for key, spec in self.space.items():
@@ -348,7 +403,8 @@ def trial_search(search: Mapping[str, Any], params: Mapping[str, Any]) -> dict[s
     """The nas search settings of a trial: the fixed ones with the sampled dotted keys set."""
     data = copy.deepcopy(dict(search))
     for key, value in params.items():
-        set_dotted(data, key, value)
+        if key != GRID_POINT:
+            set_dotted(data, key, value)
     return data
 
 

@@ -8,6 +8,9 @@ chart sections, sorted by name): `accuracy/` (supernet, discretized, drop) comes
 same after BN recalibration and with unit edge weights, then `architecture/`, `loss/`, `network/`
 (parameters in millions), `optim/` and `time/`. Values are rounded to 5 significant digits (no
 `21.299999999999997`). `report_names` maps MLflow's names back (old stores' names pass through).
+A search derived under further targets (docs/science.md D14) reports their metrics as
+`discretized_acc@3of14`; MLflow, whose names cannot hold `@`, gets `accuracy/discretized:3of14`
+(the target's slug after a colon, so that each quantity's targets sort side by side).
 
 View. The sweep stores one MLflow "shared view" on its experiment (the experiment tag
 `mlflow.sharedViewState.<key>`, which the UI's Share button writes too): the trials only (not the
@@ -24,7 +27,7 @@ import json
 import math
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nas import metrics as m
@@ -72,6 +75,8 @@ SWEEP_COLOUR = "#555555"
 VIEW_KEY = "trials"
 NOTE_TAG = "mlflow.note.content"
 COLOUR_TAG = "mlflow.runColor"
+# A trial derived under further targets: JSON {slug: target}, how the report finds their metrics.
+DERIVED_TARGETS_TAG = "derived_targets"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 
@@ -80,6 +85,9 @@ def significant(value: float, digits: int = 5) -> float:
 
 
 def mlflow_name(name: str) -> str:
+    base, slug = m.split_derived(name)
+    if slug:
+        return f"{mlflow_name(base)}:{slug}"
     if name in METRIC_NAMES:
         return METRIC_NAMES[name]
     head, _, level = name.partition("/")
@@ -99,7 +107,7 @@ def mlflow_metrics(metrics: Mapping[str, Any], loss_terms: tuple[str, ...] = ())
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
         key = f"loss/{name}" if name in loss_terms else mlflow_name(name)
-        out[key] = significant(float(value) * SCALE.get(name, 1.0))
+        out[key] = significant(float(value) * SCALE.get(m.split_derived(name)[0], 1.0))
     return out
 
 
@@ -108,8 +116,11 @@ def report_names(metrics: Mapping[str, float]) -> dict[str, float]:
     `skip_connect/normal`); a store written with those names reads the same."""
     out = dict(metrics)
     for key, value in metrics.items():
-        name = REPORT_NAMES.get(key)
-        if name is not None:
+        base, colon, slug = key.partition(":")
+        name = REPORT_NAMES.get(base)
+        if name is not None and colon:
+            out.setdefault(f"{name}@{slug}", value / SCALE.get(name, 1.0))
+        elif name is not None:
             out.setdefault(name, value / SCALE.get(name, 1.0))
         elif key.startswith("architecture/skip_connect_"):
             out.setdefault(f"skip_connect/{key[len('architecture/skip_connect_') :]}", value)
@@ -152,9 +163,11 @@ def trial_note(
     metrics: Mapping[str, float],
     genotype_text: str,
     cell_files: Mapping[str, str],
+    derivations: Sequence[tuple[str, str, Mapping[str, float]]] = (),
 ) -> str:
     """The Markdown description of a trial's run: accuracies and drops (plain and after BN
-    recalibration), the derived network's size, and its cells, drawn inline."""
+    recalibration), the derived network's size, and its cells, drawn inline; with `derivations`
+    ((target, slug, metrics) of the further targets it was derived under), a row for each."""
     rows = [
         ("stored BN statistics", metrics.get(m.SUPERNET_ACC), metrics.get(m.DISCRETIZED_ACC), metrics.get(m.DROP)),
         (
@@ -177,6 +190,20 @@ def trial_note(
     lines += ["```", genotype_text, "```", ""]
     for level, path in cell_files.items():
         lines += [f"![{level} cell]({artifact_url(run_id, path)})", ""]
+    if derivations:
+        lines += [
+            "Derived under further targets (docs/science.md D14; genotypes and cells under `derive/<target>/`):",
+            "",
+            "| target | discretized | drop | drop (BN recal.) | params (M) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for text, _slug, d in derivations:
+            params = _num(d[m.PARAMS] / 1e6) if d.get(m.PARAMS) is not None else "-"
+            lines.append(
+                f"| {text} | {_num(d.get(m.DISCRETIZED_ACC))} | {_num(d.get(m.DROP))} | "
+                f"{_num(d.get(m.DROP_BN_RECAL))} | {params} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -4,12 +4,18 @@ Rows group the trials of one method under one target; every number is the mean +
 deviation over the group's seeds (sample std, n - 1; "n" says how many finished). The Table 4
 layout puts the targets in rows and, per method, supernet accuracy, discretized accuracy and the
 drop side by side, as the DA2S paper's Table 4 does.
+
+A trial derived under further targets (docs/science.md D14, a folded `target` in the sweep) stands
+for one search per target: it gives one record per target, with the metrics logged under that
+target's name, and counts once in each of its targets' rows.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -27,10 +33,11 @@ from nas.metrics import (
     MAX_OP_WEIGHT,
     PARAMS,
     SUPERNET_ACC,
+    split_derived,
 )
 from nas.plots import pyplot, save_figure
 
-from .presentation import report_names, skip_connect_keys
+from .presentation import DERIVED_TARGETS_TAG, report_names, skip_connect_keys
 from .tracking import PARENT_TAG, client_for, retrying
 
 COLUMNS = (
@@ -113,6 +120,7 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], 
     finished, other = [], []
     for run in runs:
         params, tags = run.data.params, run.data.tags
+        metrics = report_names(run.data.metrics)
         record = TrialRecord(
             run.info.run_id,
             run.info.run_name,
@@ -120,12 +128,20 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], 
             params.get("target", "?"),
             params.get("seed", "?"),
             run.info.status,
-            {**report_names(run.data.metrics), **errors.get(run.info.run_id, {})},
+            {**{k: v for k, v in metrics.items() if not split_derived(k)[1]}, **errors.get(run.info.run_id, {})},
             dict(params),
             dict(tags),
         )
-        complete = run.info.status == "FINISHED" and "early_stopped" not in tags and DISCRETIZED_ACC in record.metrics
-        (finished if complete else other).append(record)
+        records = [record]
+        for slug, target in json.loads(tags.get(DERIVED_TARGETS_TAG, "{}")).items():
+            derived = {split_derived(k)[0]: v for k, v in metrics.items() if split_derived(k)[1] == slug}
+            tags_of = {**record.tags, "derived_from": record.target}
+            records.append(dataclasses.replace(record, target=target, metrics=derived, tags=tags_of))
+        for record in records:
+            complete = (
+                run.info.status == "FINISHED" and "early_stopped" not in tags and DISCRETIZED_ACC in record.metrics
+            )
+            (finished if complete else other).append(record)
     return finished, other
 
 
@@ -153,6 +169,9 @@ def report_text(
     side_by_side = 1 < len({r.method for r in rows}) <= 3 and len({r.target for r in rows}) > 1
     layout = layout if layout != "auto" else ("table4" if side_by_side else "rows")
     text = f"# {experiment}\n\n{len(finished)} finished trials"
+    searches = len({t.run_id for t in finished})
+    if searches < len(finished):
+        text += f" from {searches} searches (some derived under several targets, docs/science.md D14)"
     if other:
         states = ", ".join(sorted({t.status + (" early-stopped" if "early_stopped" in t.tags else "") for t in other}))
         text += f"; {len(other)} not counted ({states})"

@@ -3,6 +3,9 @@
 Parameters are suggested in the order the YAML lists them, so a `when` condition can refer to any
 parameter above it (or to a fixed setting under `search:`). The space is an object, not a closure:
 Ray's OptunaSearch pickles it with the study when it saves the sweep's state.
+
+A grid that is not a product of its choices (`when`, a folded target) is a list of points: Optuna's
+grid sampler goes through their indices (`grid_point`) and each trial gets its point's fields.
 """
 
 from __future__ import annotations
@@ -14,15 +17,26 @@ import optuna
 
 from nas.config import flatten_mapping
 
-from .config import ParamSpec, SweepConfig
+from .config import GRID_POINT, ParamSpec, SweepConfig
 
 
 class SpaceSampler:
-    def __init__(self, space: Mapping[str, ParamSpec], fixed: Mapping[str, Any]):
+    def __init__(
+        self, space: Mapping[str, ParamSpec], fixed: Mapping[str, Any], points: list[dict[str, Any]] | None = None
+    ):
         self.space = dict(space)
         self.fixed = flatten_mapping(fixed)
+        self.points = points
 
-    def __call__(self, trial: optuna.Trial) -> None:
+    @classmethod
+    def for_sweep(cls, sweep: SweepConfig) -> SpaceSampler:
+        points = sweep.grid_points() if sweep.sampler_type() == "grid" and not sweep.grid_is_product() else None
+        return cls(sweep.space, sweep.search, points)
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any] | None:
+        if self.points is not None:
+            index = trial.suggest_categorical(GRID_POINT, list(range(len(self.points))))
+            return dict(self.points[index])
         values: dict[str, Any] = {}
         for name, spec in self.space.items():
             if spec.when and not all(_lookup(key, values, self.fixed) == want for key, want in spec.when.items()):
@@ -47,6 +61,8 @@ def suggest(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
 def make_sampler(sweep: SweepConfig) -> optuna.samplers.BaseSampler:
     seed = sweep.sampler.seed
     kind = sweep.sampler_type()
+    if kind == "grid" and not sweep.grid_is_product():
+        return optuna.samplers.GridSampler({GRID_POINT: list(range(sweep.grid_size()))}, seed=seed)
     if kind == "grid":
         return optuna.samplers.GridSampler(sweep.grid(), seed=seed)
     if kind == "nsga2":

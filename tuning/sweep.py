@@ -337,7 +337,7 @@ def _new_tuner(
     searcher = SweepSearch(
         journal=str(journal),
         mirror=None if experiment_dir.local_path is not None else experiment_dir / recovery.OPTUNA_JOURNAL,
-        space=SpaceSampler(sweep.space, sweep.search),
+        space=SpaceSampler.for_sweep(sweep),
         study_name=sweep.name,
         storage=JournalStorage(JournalFileBackend(str(journal))),
         metric=[o.metric for o in objectives] if multi else objectives[0].metric,

@@ -24,14 +24,30 @@ from typing import Any
 
 from ray import tune
 
-from nas.metrics import DISCRETIZED_ACC, DROP, FINAL_METRICS, PARAMS, SUPERNET_ACC, VALID_ACC, derived_params
+from nas.metrics import (
+    FINAL_METRICS,
+    PARAMS,
+    SUPERNET_ACC,
+    VALID_ACC,
+    derived_metric_name,
+    derived_params,
+    split_derived,
+)
 from nas.runtime import CHECKPOINT, EpochEvent
 from nas.search import SearchDiverged, run_search
 from nas.settings import SearchConfig, arch_lr_scale, steps_per_epoch
 
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import method_label, trial_search
-from .presentation import COLOUR_TAG, NOTE_TAG, method_colour, mlflow_metrics, report_names, trial_note
+from .presentation import (
+    COLOUR_TAG,
+    DERIVED_TARGETS_TAG,
+    NOTE_TAG,
+    method_colour,
+    mlflow_metrics,
+    report_names,
+    trial_note,
+)
 from .threads import place_threads
 from .tracking import PENDING_FILE, TrackedRun, params_of
 
@@ -95,7 +111,7 @@ def _restore_checkpoint(out_dir: Path) -> None:
 def _stored_result(run) -> dict[str, Any]:
     data = run.client.get_run(run.run_id).data
     stored = report_names(data.metrics)
-    result = {k: v for k, v in stored.items() if k in FINAL_METRICS or k in (DISCRETIZED_ACC, DROP)}
+    result = {k: v for k, v in stored.items() if split_derived(k)[0] in FINAL_METRICS}
     if SUPERNET_ACC in result:
         result[VALID_ACC] = result[SUPERNET_ACC]
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,6 +196,13 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
 
     final = {k: v for k, v in result.metrics.items() if k in FINAL_METRICS}
     final[PARAMS] = float(derived_params(result.genotype))
+    # Further targets (docs/science.md D14): the same metrics under `name@slug`.
+    derived = []
+    for derivation in result.derivations:
+        metrics = {k: v for k, v in derivation.metrics.items() if k in FINAL_METRICS}
+        metrics[PARAMS] = float(derived_params(derivation.genotype))
+        derived.append((derivation.target, derivation.slug, metrics))
+        final.update({derived_metric_name(k, derivation.slug): v for k, v in metrics.items()})
     final["search_seconds"] = search_seconds
     tick = time.perf_counter()
     # The last epoch already logged the supernet and discretized accuracies and the drop at this
@@ -190,10 +213,13 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     cells = {level: f"cells/cell_{level}.png" for level in result.genotype.levels}
     for level, path in cells.items():  # the compare view's image grid shows the trials' cells side by side
         run.log_image(out_dir / path, f"cell_{level}", config.epochs)
-    note = trial_note(run.run_id, method, result.info["target"], config.seed, final, result.genotype.describe(), cells)
-    run.set_tags(
-        {"genotype": result.genotype.describe(), "target": result.info["target"], "method": method, NOTE_TAG: note}
+    note = trial_note(
+        run.run_id, method, result.info["target"], config.seed, final, result.genotype.describe(), cells, derived
     )
+    tags = {"genotype": result.genotype.describe(), "target": result.info["target"], "method": method, NOTE_TAG: note}
+    if derived:
+        tags[DERIVED_TARGETS_TAG] = json.dumps({slug: text for text, slug, _ in derived})
+    run.set_tags(tags)
     pending, pending_file = _end_run(run, "FINISHED", out_dir)
     overhead += time.perf_counter() - tick
     report = {
