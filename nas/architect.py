@@ -45,8 +45,9 @@ class Architect:
     ):
         self.level_weighting = level_weighting
         self.supernet = supernet
-        # R = hvp_radius / ||v||: 0.01 in the reference. ReLU and max-pool kinks make a smaller
-        # radius more accurate only in float64; in float32 the reference's value is the safe one.
+        # R = hvp_radius / ||v||: 0.01 in the reference and by default (arch_optim.hvp_radius). A
+        # smaller radius is noisier, not more exact, while the difference crosses ReLU and max-pool
+        # kinks; only far below float32's resolution does it cross none (docs/science.md §2.5).
         self.hvp_radius = hvp_radius
         self.arch = arch
         self.optimizer = optimizer

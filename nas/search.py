@@ -170,7 +170,7 @@ class Search:
         )
         architect = Architect(
             supernet, arch, arch_optimizer, config.order, sgd.momentum, sgd.weight_decay,
-            level_weighting=config.loss.level_weighting,
+            hvp_radius=config.arch_optim.hvp_radius, level_weighting=config.loss.level_weighting,
         )  # fmt: skip
         return cls(
             config, space, target, supernet, arch, weight_optimizer, arch_optimizer, architect, alpha_lr, beta_lr, scale

@@ -79,6 +79,10 @@ class ArchOptimConfig:
     # The most `auto` gives (D8): a search of a few steps would otherwise get a scale of thousands,
     # an Adam step of about one unit of alpha per step, and diverge. A number in lr_scale is not capped.
     lr_scale_auto_max: float = field(default=AUTO_LR_SCALE_MAX, metadata={"gt": 0.0})
+    # Second order: the Hessian-vector product's central differences at w +- R v with
+    # R = hvp_radius / ||v|| (docs/science.md §2.5); 0.01 is the reference's and measured the most
+    # accurate of 1e-3 to 1e-2 in float32 and float64 alike (bench/hypergradient.py).
+    hvp_radius: float = field(default=0.01, metadata={"gt": 0.0})
 
     def validate(self, path: str) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
