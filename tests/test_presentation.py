@@ -30,6 +30,18 @@ def test_one_name_per_quantity_rounded_and_in_millions():
     assert sorted({key.split("/")[0] for key in logged})[0] == "accuracy"
 
 
+def test_derived_targets_have_their_own_names_that_mlflow_accepts_and_the_report_reads_back():
+    from mlflow.utils.validation import _validate_metric_name
+
+    logged = mlflow_metrics({"discretized_acc@3of14": 12.345678, "params@1-1-2-3": 1_500_000.0, "drop": 1.0})
+    assert logged == {"accuracy/discretized:3of14": 12.346, "network/params_M:1-1-2-3": 1.5, "accuracy/drop": 1.0}
+    for name in logged:
+        _validate_metric_name(name)  # MLflow refuses "@" in names; a colon is allowed
+    back = report_names(logged)
+    assert back["discretized_acc@3of14"] == 12.346 and back["params@1-1-2-3"] == 1_500_000
+    assert back["drop"] == 1.0 and "discretized_acc" not in back
+
+
 def test_report_reads_new_and_old_names():
     new = report_names({"accuracy/discretized": 30.0, "network/params_M": 2.5, "architecture/skip_connect_normal": 1})
     assert new["discretized_acc"] == 30.0 and new["params"] == 2_500_000 and new["skip_connect/normal"] == 1
