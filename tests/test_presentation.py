@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import parse_qs, urlparse
 
 from tuning.presentation import (
@@ -70,3 +71,38 @@ def test_colours_links_and_notes():
         "| stored BN statistics | 27.60 | 28.40 | -0.80 |" in note and "| after BN recalibration | - | - | - |" in note
     )
     assert "**2.79 M** parameters" in note and "(get-artifact?path=cells%2Fcell_normal.png&run_uuid=abc)" in note
+
+
+def test_report_counts_a_folded_trial_once_per_target(tmp_path):
+    """A DARTS trial derived under a further target (docs/science.md D14) is one run in MLflow and
+    one record per target in the report, each with that target's metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.presentation import DERIVED_TARGETS_TAG
+    from tuning.report import load_trials, summarise
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("folded", artifact_location=str(tmp_path / "artifacts"))
+    runs = {}
+    for method, target, derived in (("darts", "[2, 2, 2, 2]", {"3of14": "3 of 14"}), ("da2s", "3 of 14", {})):
+        run = client.create_run(experiment, tags={"kind": "trial"})
+        for key, value in {"method": method, "target": target, "seed": "1"}.items():
+            client.log_param(run.info.run_id, key, value)
+        final = {"supernet_acc": 40.0, "discretized_acc": 30.0, "drop": 10.0, "params": 2e6}
+        final.update({f"{k}@{slug}": v - 20 for slug in derived for k, v in final.items() if k != "supernet_acc"})
+        final.update({f"supernet_acc@{slug}": 40.0 for slug in derived})
+        for key, value in mlflow_metrics(final).items():
+            client.log_metric(run.info.run_id, key, value)
+        if derived:
+            client.set_tag(run.info.run_id, DERIVED_TARGETS_TAG, json.dumps(derived))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        runs[method] = run.info.run_id
+    finished, other = load_trials(client.tracking_uri, "folded")
+    assert not other and sorted((t.method, t.target) for t in finished) == [
+        ("da2s", "3 of 14"), ("darts", "3 of 14"), ("darts", "[2, 2, 2, 2]")
+    ]  # fmt: skip
+    rows = {(r.method, r.target): r for r in summarise(finished)}
+    assert rows[("darts", "3 of 14")].stat("discretized_acc") == (10.0, 0.0)
+    assert rows[("darts", "3 of 14")].stat("supernet_acc") == (40.0, 0.0)
+    assert rows[("darts", "[2, 2, 2, 2]")].stat("discretized_acc") == (30.0, 0.0)
+    assert {t.run_id for t in finished if t.method == "darts"} == {runs["darts"]}
