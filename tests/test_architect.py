@@ -3,8 +3,6 @@ unrolled gradient (computed by double backward) on a small model."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,61 +126,35 @@ def test_second_order_is_float32_under_bf16_autocast():
     assert error > 0.1, error
 
 
-def well_conditioned(dtype=torch.float64):
-    """A small net at the search's setting where float32 is exact enough: C=8, 16x16 images,
-    batch 16, three real weight steps, alpha spread as after some epochs of search."""
-    torch.manual_seed(0)
-    space = SearchSpace(OPS, nodes=2, cells=3)
-    net = Supernet(space, channels=8).double()
-    arch = Architecture(
-        space, Target.parse([2, 2], space), edge_params=False, generator=torch.Generator().manual_seed(0)
-    ).double()
-    with torch.no_grad():
-        for p in arch.parameters():
-            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype))
-    g = torch.Generator().manual_seed(1)
+def _bench():
+    """bench/hypergradient.py, whose network and exact unrolled gradient docs/science.md §2.5 reports."""
+    import importlib.util
+    from pathlib import Path
 
-    def batch():
-        return torch.randn(16, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g)
-
-    w_opt = torch.optim.SGD(net.parameters(), lr=ETA, momentum=MU, weight_decay=WD)
-    net.train()
-    for _ in range(3):
-        x, y = batch()
-        w_opt.zero_grad()
-        F.cross_entropy(net(x, arch()), y).backward()
-        w_opt.step()
-    w_opt.zero_grad(set_to_none=True)
-    train, valid = batch(), batch()
-    exact = exact_unrolled_grad(net, arch, w_opt, train, valid, {})
-
-    def cast(dtype):
-        n, a = copy.deepcopy(net).to(dtype), copy.deepcopy(arch).to(dtype)
-        o = torch.optim.SGD(n.parameters(), lr=ETA, momentum=MU, weight_decay=WD)
-        for p, q in zip(net.parameters(), n.parameters()):
-            o.state[q]["momentum_buffer"] = w_opt.state[p]["momentum_buffer"].to(dtype)
-        return n, a, o, (train[0].to(dtype), train[1]), (valid[0].to(dtype), valid[1])
-
-    return torch.cat([e.flatten() for e in exact]), cast
+    path = Path(__file__).resolve().parents[1] / "bench" / "hypergradient.py"
+    spec = importlib.util.spec_from_file_location("hypergradient", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
 def test_second_order_at_the_search_radius_on_a_well_conditioned_net():
-    """At the radius a search uses (hvp_radius 0.01, the reference's R = 0.01 / ||v||) float32 gives
-    the float64 result, and a smaller radius is no closer to the exact unrolled gradient: ReLU and
-    max-pool kinks inside the difference make it noisier, not more exact (docs/science.md §2.5)."""
-    exact, cast = well_conditioned()
-    flat = lambda grads: torch.cat([g.detach().double().flatten() for g in grads])  # noqa: E731
+    """On the network of docs/science.md §2.5 (bench/hypergradient.py, trial 0) at the radius a search
+    uses (hvp_radius 0.01, the reference's R = 0.01 / ||v||): float32 gives the float64 result, and
+    a smaller radius is no closer to the exact unrolled gradient: the central difference crosses
+    ReLU and max-pool kinks, which makes it noisier, not more exact."""
+    bench = _bench()
+    net, arch, w_opt, train, valid = bench.build(0, "darts", 2, 3, 8, 16, 16)
+    weights = {"op_entropy": 0.0, "edge_entropy": 0.0, "edge_count": 0.0}
+    exact = bench.exact_unrolled(net, arch, w_opt, train, valid, weights)
     error = lambda g: ((g - exact).norm() / exact.norm()).item()  # noqa: E731
     second = {}
     for dtype, radius in ((torch.float32, 1e-2), (torch.float64, 1e-2), (torch.float64, 1e-4)):
-        net, arch, w_opt, train, valid = cast(dtype)
-        architect = Architect(net, arch, torch.optim.Adam(arch.parameters()), "second", MU, WD, hvp_radius=radius)
-        second[dtype, radius] = flat(architect.second_order_grads(valid, train, {}, ETA, w_opt)[0])
-        if dtype == torch.float32:
-            first = flat(architect.first_order_grads(valid, {})[0])
+        n, a, o, (t, v) = bench._cast(net, arch, w_opt, [train, valid], dtype)
+        architect = Architect(n, a, torch.optim.Adam(a.parameters()), "second", bench.MU, bench.WD, hvp_radius=radius)
+        second[dtype, radius] = bench._flat(architect.second_order_grads(v, t, weights, bench.ETA, o)[0])
     single, double = second[torch.float32, 1e-2], second[torch.float64, 1e-2]
-    assert (single - double).norm() / double.norm() < 1e-4  # float32 is not what limits it here
+    assert (single - double).norm() / double.norm() < 1e-3  # float32 is not what limits it here
     assert error(second[torch.float64, 1e-4]) > 2 * error(double)  # the smaller radius is worse
-    cosine = F.cosine_similarity(single, exact, dim=0).item()
-    assert cosine > 0.8, (cosine, F.cosine_similarity(first, exact, dim=0).item())
+    assert F.cosine_similarity(single, exact, dim=0).item() > 0.9
