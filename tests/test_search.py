@@ -203,7 +203,7 @@ def test_one_darts_search_derived_under_several_targets_equals_one_search_per_ta
         "darts", tiny_search_config(target=targets[0], derive_targets=[*targets[1:], "5 of 14"], seed=3)
     )
     again = run_search(more, tmp_path / "shared", data=tiny_data, artifacts=False)
-    assert again.history == result.history[: len(again.history)] and len(again.history) == shared.epochs
+    assert [r["valid_acc"] for r in again.history] == [r["valid_acc"] for r in result.history]
     assert again.derivations[-1].target == "5 of 14" and again.derivations[0].metrics == result.derivations[0].metrics
 
 
