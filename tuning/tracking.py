@@ -33,7 +33,8 @@ T = TypeVar("T")
 # Files of a search's output directory that become artifacts of its run (not the checkpoint:
 # Ray keeps those).
 ARTIFACT_FILES = ("genotype.json", "config.json", "result.json")
-ARTIFACT_DIRS = ("cells", "plots")
+# derive/: the genotypes and cells under further targets (docs/science.md D14), where asked for.
+ARTIFACT_DIRS = ("cells", "plots", "derive")
 
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
