@@ -10,7 +10,10 @@ whose batch statistics are then identical) and the identity are the same for all
 * each conv op of the E outgoing edges becomes one grouped convolution over h repeated E times
   (depthwise with E*C groups, pointwise with E groups), with the edges' weights concatenated, and
   one BN over the E*C channels whose running statistics are written back to the edges' BNs;
-* the mixture sum_o w_eo * o_e(h) is taken for all E edges together.
+* the mixture sum_o w_eo * o_e(h) is taken for all E edges together; for a conv op the weight
+  w_eo is the affine weight of its last BN (a BN without affine parameters of its own), so the
+  multiplication and, in the architecture step, the gradient of w_eo come out of the BN's own
+  forward and backward passes instead of passes over the op's output of their own.
 
 The parameters stay those of the per-edge modules, so checkpoints, the discretized network and the
 plain forward all share them, and both forwards compute the same function: the same values up to
@@ -41,19 +44,22 @@ def repeat_channels(x: torch.Tensor, times: int) -> torch.Tensor:
     return x.repeat(1, times, 1, 1)
 
 
-def batch_norm(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
+def batch_norm(x: torch.Tensor, norms: Sequence[nn.BatchNorm2d], scale: torch.Tensor | None = None) -> torch.Tensor:
     """The non-affine BNs `norms` (one per block of channels of x, in order) applied as one; in
-    training mode their running statistics are updated exactly as each would update its own."""
+    training mode their running statistics are updated exactly as each would update its own.
+    `scale` (one number per BN) multiplies each block's output: BN's own affine weight does it in
+    the same pass, forward and backward, so a mixture weight costs no pass of its own."""
     first = norms[0]
-    if len(norms) == 1:
+    if len(norms) == 1 and scale is None:
         return first(x)
+    weight = None if scale is None else scale.repeat_interleave(first.num_features)
     mean = torch.cat([bn.running_mean for bn in norms])
     var = torch.cat([bn.running_var for bn in norms])
     training = first.training
     momentum = first.momentum
     if training and momentum is None:  # cumulative average, as nn.BatchNorm2d does
         momentum = 1.0 / float(first.num_batches_tracked + 1)
-    y = F.batch_norm(x, mean, var, None, None, training, momentum if training else 0.0, first.eps)
+    y = F.batch_norm(x, mean, var, weight, None, training, momentum if training else 0.0, first.eps)
     if training:
         with torch.no_grad():
             size = first.num_features
@@ -94,16 +100,22 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d, subsa
 
 
 def _dil_conv(
-    x_rep: torch.Tensor, blocks: Sequence[DilConv], relu_done: bool, edges: int, subsampled: bool = False
+    x_rep: torch.Tensor,
+    blocks: Sequence[DilConv],
+    relu_done: bool,
+    edges: int,
+    subsampled: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """E DilConv blocks (ReLU, depthwise, pointwise, BN) on x repeated E times, as grouped convs."""
+    """E DilConv blocks (ReLU, depthwise, pointwise, BN) on x repeated E times, as grouped convs;
+    block e's output times scale[e] where given."""
     if not relu_done:
         x_rep = F.relu(x_rep)
     w_dw = torch.cat([b[1].weight for b in blocks])
     y = depthwise_conv(x_rep, w_dw, blocks[0][1], subsampled)
     w_pw = torch.cat([b[2].weight for b in blocks])
     y = F.conv2d(y, w_pw, None, 1, 0, 1, edges)
-    return batch_norm(y, [b[3] for b in blocks])
+    return batch_norm(y, [b[3] for b in blocks], scale)
 
 
 def _factorized_reduce(x_relu: torch.Tensor, blocks: Sequence[FactorizedReduce]) -> torch.Tensor:
@@ -165,18 +177,22 @@ class FusedCell:
             elif isinstance(first, FactorizedReduce):
                 y, shared = _factorized_reduce(relu, modules), False
             elif isinstance(first, (SepConv, DilConv)):
+                # The mixture weight is the last BN's affine weight: the term comes out weighted.
+                scale = weights[:, o]
                 if relu_rep is None and not (isinstance(first, DilConv) and on_even_pixels(first[1])):
                     relu_rep = repeat_channels(relu, edges)
                 if isinstance(first, SepConv):
                     y = _dil_conv(relu_rep, [m[0] for m in modules], True, edges)
-                    y = _dil_conv(y, [m[1] for m in modules], False, edges)
+                    y = _dil_conv(y, [m[1] for m in modules], False, edges, scale=scale)
                 elif on_even_pixels(first[1]):
                     if relu_even_rep is None:  # subsampled once per source, before repeating
                         relu_even_rep = repeat_channels(relu[:, :, ::2, ::2], edges)
-                    y = _dil_conv(relu_even_rep, modules, True, edges, subsampled=True)
+                    y = _dil_conv(relu_even_rep, modules, True, edges, subsampled=True, scale=scale)
                 else:
-                    y = _dil_conv(relu_rep, modules, True, edges)
-                shared = False
+                    y = _dil_conv(relu_rep, modules, True, edges, scale=scale)
+                y = y.view(b, edges, -1, *y.shape[-2:])
+                out = y if out is None else out + y
+                continue
             else:  # an op without a fused form: one call per edge
                 y, shared = torch.cat([m(h) for m in modules], dim=1), False
             if shared:
