@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 EXIT_OK, EXIT_REFUSED, EXIT_PENDING, EXIT_ERRORED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
+from nas import metrics as m  # noqa: E402
 from nas.config import ConfigError  # noqa: E402
 from nas.data import DataNotFoundError  # noqa: E402
 from tuning.config import SweepConfig  # noqa: E402
@@ -56,12 +57,13 @@ def print_summary(outcome, sweep: SweepConfig) -> None:
     )
     print(f"\n{'trial':28s} {'status':10s} {'supernet':>8s} {'discr.':>8s} {'drop':>7s} {'params M':>8s}  settings")
     for t in rows:
-        m = t.metrics
-        params = m.get("params")
+        values = t.metrics
+        params = values.get(m.PARAMS)
         settings = ", ".join(f"{k}={v}" for k, v in t.params.items())
         print(
-            f"{t.trial_id:28s} {t.status:10s} {_fmt(m.get('supernet_acc')):>8s} {_fmt(m.get('discretized_acc')):>8s} "
-            f"{_fmt(m.get('drop')):>7s} {_fmt(params / 1e6 if params else None):>8s}  {settings}"
+            f"{t.trial_id:28s} {t.status:10s} {_fmt(values.get(m.SUPERNET_ACC)):>8s} "
+            f"{_fmt(values.get(m.DISCRETIZED_ACC)):>8s} {_fmt(values.get(m.DROP)):>7s} "
+            f"{_fmt(params / 1e6 if params else None):>8s}  {settings}"
         )
         if t.error:
             print(f"{'':28s} {t.error}")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nas.config import ConfigError, apply_overrides, flatten_mapping, from_dict, load_yaml, set_dotted, to_dict
-from nas.metrics import EPOCH_METRICS, FINAL_METRICS
+from nas.metrics import DISCRETIZED_ACC, EPOCH_METRICS, FINAL_METRICS, VALID_ACC
 from nas.settings import SearchConfig
 
 from .storage import check_storage_text
@@ -105,7 +105,7 @@ class ParamSpec:
 
 @dataclass
 class Objective:
-    metric: str = "discretized_acc"
+    metric: str = DISCRETIZED_ACC
     mode: Literal["max", "min"] = "max"
 
     def validate(self, path: str) -> None:
@@ -124,7 +124,7 @@ class SamplerConfig:
 @dataclass
 class SchedulerConfig:
     type: Literal["none", "asha"] = "none"
-    metric: str = "valid_acc"
+    metric: str = VALID_ACC
     mode: Literal["max", "min"] = "max"
     grace_period: int = field(default=1, metadata={"min": 1})
     reduction_factor: float = field(default=3.0, metadata={"gt": 1.0})

@@ -23,6 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from nas import metrics as m
 from nas.data import resolve_root
 
 from . import preflight, recovery
@@ -121,21 +122,21 @@ class ProgressPrinter(tune.Callback):
         log.info("started   %s", self._name(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "epoch" in result and "valid_acc" in result:
+        if "epoch" in result and m.VALID_ACC in result:
             log.info(
                 "%s epoch %d/%d: supernet %.2f%%, discretized %.2f%% (%.0fs)",
-                trial.trial_id, result["epoch"], self.epochs, result["valid_acc"],
-                result.get("discretized_acc", float("nan")), result.get("seconds", float("nan")),
+                trial.trial_id, result["epoch"], self.epochs, result[m.VALID_ACC],
+                result.get(m.DISCRETIZED_ACC, float("nan")), result.get(m.SECONDS, float("nan")),
             )  # fmt: skip
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         if result.get("diverged"):
             log.warning("diverged  %s: %s", self._name(trial), result.get("failure"))
-        elif "supernet_acc" in result:
+        elif m.SUPERNET_ACC in result:
             log.info(
                 "finished  %s: supernet %.2f%%, discretized %.2f%%, drop %.2f",
-                self._name(trial), result["supernet_acc"], result["discretized_acc"], result["drop"],
+                self._name(trial), result[m.SUPERNET_ACC], result[m.DISCRETIZED_ACC], result[m.DROP],
             )  # fmt: skip
         else:
             log.info("stopped   %s by the scheduler", self._name(trial))
