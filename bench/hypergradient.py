@@ -74,7 +74,10 @@ def build(seed: int, preset: str, nodes: int, cells: int, channels: int, resolut
     return net, arch, w_opt, draw(), draw()
 
 
-def exact_unrolled(net, arch, w_opt, train, valid, loss_weights):
+def exact_unrolled(net, arch, w_opt, train, valid, loss_weights, eta=ETA, mu=MU, wd=WD, flat=True):
+    """The exact unrolled hypergradient (docs/science.md §2.5): the gradient of the validation loss
+    after one virtual SGD step (lr `eta`, momentum `mu`, weight decay `wd`) with respect to alpha and
+    beta, by double backward; one flat vector, or a tensor per parameter with flat=False."""
     names, weights = zip(*net.named_parameters())
     buffers = {n: b.clone() for n, b in net.named_buffers()}
     train_loss = F.cross_entropy(
@@ -82,12 +85,12 @@ def exact_unrolled(net, arch, w_opt, train, valid, loss_weights):
     )
     grads = torch.autograd.grad(train_loss, weights, create_graph=True)
     virtual = {
-        n: w - ETA * (MU * w_opt.state[w]["momentum_buffer"] + g + WD * w) for n, w, g in zip(names, weights, grads)
+        n: w - eta * (mu * w_opt.state[w]["momentum_buffer"] + g + wd * w) for n, w, g in zip(names, weights, grads)
     }
     valid_loss = F.cross_entropy(functional_call(net, {**virtual, **buffers}, (valid[0], arch())), valid[1])
     reg, _ = regularisers(arch, loss_weights)
-    return _flat(torch.autograd.grad(valid_loss + reg, list(arch.parameters()), allow_unused=True,
-                                     materialize_grads=True))  # fmt: skip
+    grads = torch.autograd.grad(valid_loss + reg, list(arch.parameters()), allow_unused=True, materialize_grads=True)
+    return _flat(grads) if flat else grads
 
 
 def _flat(grads) -> torch.Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from nas.architect import Architect
 from nas.losses import regularisers
@@ -42,21 +41,6 @@ def setup(edge_params=True, dtype=torch.float64):
     return net, arch, w_opt, a_opt, batch(), batch()
 
 
-def exact_unrolled_grad(net, arch, w_opt, train, valid, loss_weights):
-    names, weights = zip(*net.named_parameters())
-    buffers = {n: b.clone() for n, b in net.named_buffers()}
-    train_loss = F.cross_entropy(
-        functional_call(net, {**dict(zip(names, weights)), **buffers}, (train[0], arch())), train[1]
-    )
-    grads = torch.autograd.grad(train_loss, weights, create_graph=True)
-    virtual = {
-        n: w - ETA * (MU * w_opt.state[w]["momentum_buffer"] + g + WD * w) for n, w, g in zip(names, weights, grads)
-    }
-    valid_loss = F.cross_entropy(functional_call(net, {**virtual, **buffers}, (valid[0], arch())), valid[1])
-    reg, _ = regularisers(arch, loss_weights)
-    return torch.autograd.grad(valid_loss + reg, list(arch.parameters()))
-
-
 @pytest.mark.parametrize("edge_params", [False, True])
 def test_second_order_matches_the_exact_hessian_vector_product(edge_params):
     net, arch, w_opt, a_opt, train, valid = setup(edge_params)
@@ -69,7 +53,7 @@ def test_second_order_matches_the_exact_hessian_vector_product(edge_params):
     # and max-pool network; the reference's 0.01 / ||v|| crosses kinks of a net this small.
     architect = Architect(net, arch, a_opt, "second", MU, WD, hvp_radius=1e-6)
     approx, _ = architect.second_order_grads(valid, train, weights, ETA, w_opt)
-    exact = exact_unrolled_grad(net, arch, w_opt, train, valid, weights)
+    exact = _bench().exact_unrolled(net, arch, w_opt, train, valid, weights, ETA, MU, WD, flat=False)
     first, _ = architect.first_order_grads(valid, weights)
     for a, e, f in zip(approx, exact, first):
         assert torch.allclose(a, e, rtol=1e-4, atol=1e-7), (a - e).abs().max()
