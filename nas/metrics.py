@@ -119,9 +119,12 @@ def discretization_metrics(
     recal_batches: int = 20,
     batch_size: int = 64,
     seed: int = 0,
+    supernet_metrics: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Supernet accuracy and the discretized accuracy of `genotype`, with trained and unit edge
-    weights, each with and without BN recalibration, and the drops (percentage points)."""
+    weights, each with and without BN recalibration, and the drops (percentage points).
+    `supernet_metrics`: the supernet's own accuracies from an earlier call on the same supernet and
+    data (they do not depend on the genotype), reused instead of measured again."""
     with torch.no_grad():
         arch_weights = arch()
     supernet_model = BoundSupernet(supernet, arch_weights)
@@ -131,12 +134,18 @@ def discretization_metrics(
     def recalibrated(model: torch.nn.Module) -> float:
         return recalibrated_accuracy(model, supernet, eval_set, recal_set, recal_batches, batch_size, seed)
 
-    supernet_acc, supernet_loss = accuracy(supernet_model, eval_set)
+    if supernet_metrics is None:
+        supernet_acc, supernet_loss = accuracy(supernet_model, eval_set)
+    else:
+        supernet_acc, supernet_loss = supernet_metrics[SUPERNET_ACC], supernet_metrics[SUPERNET_LOSS]
     discretized_acc, _ = accuracy(trained, eval_set)
     discretized_bn_recal_acc = recalibrated(trained)
     discretized_unit_edges_acc, _ = accuracy(unit_edges, eval_set)
     discretized_unit_edges_bn_recal_acc = recalibrated(unit_edges)
-    supernet_bn_recal_acc = recalibrated(supernet_model)
+    if supernet_metrics is None:
+        supernet_bn_recal_acc = recalibrated(supernet_model)
+    else:
+        supernet_bn_recal_acc = supernet_metrics[SUPERNET_BN_RECAL_ACC]
     supernet.eval()
     return {
         SUPERNET_ACC: supernet_acc,

@@ -189,19 +189,25 @@ class Search:
             "torch_rng": torch.get_rng_state(),
         }
 
-    def derive(self, target: Target, data: SearchData) -> Derivation:
-        """The genotype under `target` and its discretization metrics (with the convergence ones)."""
+    def derive(
+        self, target: Target, data: SearchData, supernet_metrics: Mapping[str, float] | None = None
+    ) -> Derivation:
+        """The genotype under `target` and its discretization metrics (with the convergence ones);
+        `supernet_metrics` as for `nas.metrics.discretization_metrics`."""
         genotype = derive_genotype(self.arch, target)
-        metrics = self.discretize(genotype, data)
+        metrics = self.discretize(genotype, data, supernet_metrics)
         metrics.update(m.convergence_metrics(self.arch, genotype))
         return Derivation(target.describe(), target.slug(), genotype, metrics)
 
-    def discretize(self, genotype: Genotype, data: SearchData) -> dict[str, float]:
+    def discretize(
+        self, genotype: Genotype, data: SearchData, supernet_metrics: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
         """Supernet and discretized accuracies of `genotype` on the evaluation set (docs/science.md D4)."""
         config = self.config
         return m.discretization_metrics(
             self.supernet, self.arch, genotype, data.eval, data.train,
             recal_batches=config.discretize.bn_recal_batches, batch_size=config.batch_size, seed=config.seed,
+            supernet_metrics=supernet_metrics,
         )  # fmt: skip
 
     def weight_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,7 +453,7 @@ def run_search(
         genotype.describe(),
     )
     for target in config.resolved_derive_targets(search.space):
-        derivation = search.derive(target, data)
+        derivation = search.derive(target, data, supernet_metrics=metrics)  # the supernet's own are the same
         result.derivations.append(derivation)
         log.info(
             "derived under %s: discretized %.2f%% (drop %.2f); genotype\n%s",
