@@ -120,7 +120,11 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], 
     finished, other = [], []
     for run in runs:
         params, tags = run.data.params, run.data.tags
-        metrics = report_names(run.data.metrics)
+        # The run's metrics by derived target: "" for the search's own target (docs/science.md D14).
+        by_slug: dict[str, dict[str, float]] = defaultdict(dict)
+        for key, value in report_names(run.data.metrics).items():
+            name, slug = split_derived(key)
+            by_slug[slug][name] = value
         record = TrialRecord(
             run.info.run_id,
             run.info.run_name,
@@ -128,15 +132,14 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], 
             params.get("target", "?"),
             params.get("seed", "?"),
             run.info.status,
-            {**{k: v for k, v in metrics.items() if not split_derived(k)[1]}, **errors.get(run.info.run_id, {})},
+            {**by_slug[""], **errors.get(run.info.run_id, {})},
             dict(params),
             dict(tags),
         )
         records = [record]
         for slug, target in json.loads(tags.get(DERIVED_TARGETS_TAG, "{}")).items():
-            derived = {split_derived(k)[0]: v for k, v in metrics.items() if split_derived(k)[1] == slug}
             tags_of = {**record.tags, "derived_from": record.target}
-            records.append(dataclasses.replace(record, target=target, metrics=derived, tags=tags_of))
+            records.append(dataclasses.replace(record, target=target, metrics=by_slug[slug], tags=tags_of))
         for record in records:
             complete = (
                 run.info.status == "FINISHED" and "early_stopped" not in tags and DISCRETIZED_ACC in record.metrics
