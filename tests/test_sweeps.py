@@ -170,6 +170,7 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     assert {r.data.tags["mlflow.parentRunId"] for r in evaluations} == {t.metrics["mlflow_run_id"] for t in best}
     for run in evaluations:
         assert run.data.params["layers"] == "5" and run.data.tags["dataset"] == "cifar10"
+        assert run.data.params["threads"] == "1"  # evaluate.resources: {cpu: 1}: one thread
         assert 0 <= run.data.metrics["test_top1_error"] <= 100 and run.data.metrics["params"] > 0
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
         assert {"result.json", "genotype.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

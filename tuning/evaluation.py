@@ -26,6 +26,7 @@ from nas.runtime import EpochEvent
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import SweepConfig
 from .storage import Storage
+from .threads import place_threads
 from .tracking import PENDING_FILE, TrackedRun, params_of
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,22 @@ def _save_pending(run: TrackedRun, store: Storage, out_dir: Path) -> int:
 
 
 def evaluate_one(
-    job: EvaluationJob, tracking_uri: str, experiment_id: str, sweep_name: str, gpus: float = 0.0
+    job: EvaluationJob, tracking_uri: str, experiment_id: str, sweep_name: str, gpus: float = 0.0, cpus: float = 1.0
 ) -> EvaluationSummary:
-    """Runs inside a Ray task: one evaluation, logged to its MLflow run."""
+    """Runs inside a Ray task that reserved `cpus` CPUs and `gpus` GPUs: one evaluation, logged to
+    its MLflow run."""
     with _working_dir(job.store) as out_dir:
-        return _evaluate(job, tracking_uri, experiment_id, sweep_name, gpus, out_dir)
+        return _evaluate(job, tracking_uri, experiment_id, sweep_name, gpus, cpus, out_dir)
 
 
 def _evaluate(
-    job: EvaluationJob, tracking_uri: str, experiment_id: str, sweep_name: str, gpus: float, out_dir: Path
+    job: EvaluationJob,
+    tracking_uri: str,
+    experiment_id: str,
+    sweep_name: str,
+    gpus: float,
+    cpus: float,
+    out_dir: Path,
 ) -> EvaluationSummary:
     import json
 
@@ -106,10 +114,14 @@ def _evaluate(
         claim_accelerators(gpus, config.device)  # before anything initialises CUDA
     except AcceleratorError as err:
         return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FAILED", {}, f"AcceleratorError: {err}")
+    threads = place_threads(cpus)  # the task's share of the node's cores, as a search trial's
     run = TrackedRun(tracking_uri, experiment_id, job.trial_run_id, "eval_id", job.eval_id)
-    params = params_of(
-        config.to_dict(), {"trial_id": job.trial_id, **effective_precision(config.device, config.runtime, "evaluate")}
-    )
+    extras = {
+        "trial_id": job.trial_id,
+        "threads": threads,
+        **effective_precision(config.device, config.runtime, "evaluate"),
+    }
+    params = params_of(config.to_dict(), extras)
     run.open(
         f"eval-{job.dataset}-{job.trial_id}",
         params,
@@ -178,8 +190,8 @@ def run_evaluation_stage(
     task = ray.remote(num_cpus=stage.resources.cpu, num_gpus=stage.resources.gpu, max_retries=sweep.max_failures)(
         evaluate_one
     )
-    gpus = stage.resources.gpu
-    pending = {task.remote(job, tracking_uri, experiment_id, sweep.name, gpus): job for job in jobs}
+    gpus, cpus = stage.resources.gpu, stage.resources.cpu
+    pending = {task.remote(job, tracking_uri, experiment_id, sweep.name, gpus, cpus): job for job in jobs}
     summaries = []
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=60)
