@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .depthwise import depthwise_conv2d
-from .ops import DilConv, FactorizedReduce, Identity, SepConv
+from .ops import DilConv, FactorizedReduce, Identity, SepConv, even_pixels, is_channels_last, odd_pixels
 
 
 def repeat_channels(x: torch.Tensor, times: int) -> torch.Tensor:
     """x (B, C, H, W) -> (B, times*C, H, W) = [x, x, ...] along channels, in x's memory format."""
     if times == 1:
         return x
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         b, c, h, w = x.shape
         nhwc = x.permute(0, 2, 3, 1).unsqueeze(3).expand(b, h, w, times, c).reshape(b, h, w, times * c)
         return nhwc.permute(0, 3, 1, 2)
@@ -121,11 +121,16 @@ def _dil_conv(
 def _factorized_reduce(x_relu: torch.Tensor, blocks: Sequence[FactorizedReduce]) -> torch.Tensor:
     b, _, _, _ = x_relu.shape
     edges = len(blocks)
-    shifted = F.pad(x_relu[:, :, 1:, 1:], (0, 1, 0, 1))
-    y1 = F.conv2d(x_relu, torch.cat([m.conv_1.weight for m in blocks]), None, 2)
-    y2 = F.conv2d(shifted, torch.cat([m.conv_2.weight for m in blocks]), None, 2)
+    y1 = F.conv2d(even_pixels(x_relu), torch.cat([m.conv_1.weight for m in blocks]))
+    y2 = F.conv2d(odd_pixels(x_relu), torch.cat([m.conv_2.weight for m in blocks]))
     half, h, w = y1.shape[1] // edges, y1.shape[2], y1.shape[3]
-    y = torch.cat([y1.view(b, edges, half, h, w), y2.view(b, edges, half, h, w)], dim=2).view(b, 2 * half * edges, h, w)
+    if is_channels_last(y1):  # concatenated per edge in (B, H, W, E, 2*half), the channels-last order
+        parts = [t.permute(0, 2, 3, 1).unflatten(3, (edges, half)) for t in (y1, y2)]
+        y = torch.cat(parts, dim=4).flatten(3).permute(0, 3, 1, 2)
+    else:
+        y = torch.cat([y1.view(b, edges, half, h, w), y2.view(b, edges, half, h, w)], dim=2).view(
+            b, 2 * half * edges, h, w
+        )
     return batch_norm(y, [m.bn for m in blocks])
 
 
@@ -155,27 +160,42 @@ class FusedCell:
                     targets.append(j)
             self.sources.append(_Source(src, edges, targets))
 
-    def _source_outputs(self, h: torch.Tensor, source: _Source, weights: torch.Tensor) -> torch.Tensor:
-        """The mixed outputs of the source's E edges, (B, E, C, H', W'), weighted by `weights` (E, ops)."""
+    def _source_outputs(self, h: torch.Tensor, source: _Source, weights: torch.Tensor) -> list[torch.Tensor]:
+        """The mixed outputs of the source's E edges, one (B, C, H', W') tensor per edge, weighted by
+        `weights` (E, ops).
+
+        The mixture is summed with an edge axis next to the channels: (B, H', W', E, C) for
+        channels-last tensors, which is how a grouped conv's (B, E*C, H', W') output lies in memory,
+        else (B, E, C, H', W'). Every term then has the same memory order; an elementwise op over
+        terms whose orders differ runs about 10x slower on the CPU than one over matching terms."""
         cell = self.cell
         edges = len(source.edges)
         mixed = [cell.edges[e] for e in source.edges]
+        nhwc = is_channels_last(h)
+        edge_axis = 3 if nhwc else 1
+        w_shape = [1] * 5
+        w_shape[edge_axis] = edges
+
+        def per_edge(y: torch.Tensor) -> torch.Tensor:  # (B, E*C, H', W') -> the mixture's layout
+            return y.permute(0, 2, 3, 1).unflatten(3, (edges, -1)) if nhwc else y.unflatten(1, (edges, -1))
+
+        def shared(y: torch.Tensor) -> torch.Tensor:  # (B, C, H', W') -> the same with an edge axis of 1
+            return y.permute(0, 2, 3, 1).unsqueeze(3) if nhwc else y.unsqueeze(1)
+
         relu = F.relu(h)
         relu_rep = relu_even_rep = None
         out = None
-        b = h.shape[0]
         for o, name in enumerate(self.ops):
             if name == "none":
                 continue
             modules = [m.ops[o] for m in mixed]
             first = modules[0]
-            shared = True
             if isinstance(first, Identity):
-                y = h
+                y = shared(h)
             elif isinstance(first, nn.Sequential) and isinstance(first[0], (nn.MaxPool2d, nn.AvgPool2d)):
-                y = shared_batch_norm(first[0](h), [m[1] for m in modules])
+                y = shared(shared_batch_norm(first[0](h), [m[1] for m in modules]))
             elif isinstance(first, FactorizedReduce):
-                y, shared = _factorized_reduce(relu, modules), False
+                y = per_edge(_factorized_reduce(relu, modules))
             elif isinstance(first, (SepConv, DilConv)):
                 # The mixture weight is the last BN's affine weight: the term comes out weighted.
                 scale = weights[:, o]
@@ -186,22 +206,21 @@ class FusedCell:
                     y = _dil_conv(y, [m[1] for m in modules], False, edges, scale=scale)
                 elif on_even_pixels(first[1]):
                     if relu_even_rep is None:  # subsampled once per source, before repeating
-                        relu_even_rep = repeat_channels(relu[:, :, ::2, ::2], edges)
+                        relu_even_rep = repeat_channels(even_pixels(relu), edges)
                     y = _dil_conv(relu_even_rep, modules, True, edges, subsampled=True, scale=scale)
                 else:
                     y = _dil_conv(relu_rep, modules, True, edges, scale=scale)
-                y = y.view(b, edges, -1, *y.shape[-2:])
+                y = per_edge(y)
                 out = y if out is None else out + y
                 continue
             else:  # an op without a fused form: one call per edge
-                y, shared = torch.cat([m(h) for m in modules], dim=1), False
-            if shared:
-                y = y.unsqueeze(1)
-            else:
-                y = y.view(b, edges, -1, *y.shape[-2:])
-            w = weights[:, o].view(1, edges, 1, 1, 1)
+                y = per_edge(torch.cat([m(h) for m in modules], dim=1))
+            w = weights[:, o].view(w_shape)
             out = y * w if out is None else torch.addcmul(out, y, w)
-        return out
+        # unbind, not indexing: its backward stacks once instead of zero-filling E copies.
+        if nhwc:
+            return [y.permute(0, 3, 1, 2) for y in out.unbind(3)]
+        return list(out.unbind(1))
 
     def __call__(
         self, s0: torch.Tensor, s1: torch.Tensor, op_weights: torch.Tensor, edge_weights: torch.Tensor | None
@@ -213,8 +232,7 @@ class FusedCell:
 
         def emit(source: _Source) -> None:
             outs = self._source_outputs(states[source.index], source, weights[source.edges])
-            # unbind, not outs[:, k]: its backward stacks once instead of zero-filling E copies.
-            for j, out in zip(source.targets, outs.unbind(1)):
+            for j, out in zip(source.targets, outs):
                 totals[j] = totals[j] + out
 
         emit(self.sources[0])

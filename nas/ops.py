@@ -82,23 +82,53 @@ class SepConv(nn.Sequential):
         )
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x (B, C, H, W), or the tensor x is a strided view of, lies in memory as (B, H, W, C):
+    the channels innermost (and x not also (B, C, H, W)-contiguous, as when C = 1)."""
+    return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+
+
+def even_pixels(x: torch.Tensor) -> torch.Tensor:
+    """x[:, :, ::2, ::2], a view. A channels-last x is sliced through its (B, H, W, C) view, so that
+    the backward pass hands back a channels-last gradient (slicing x itself zero-fills a
+    (B, C, H, W)-contiguous one)."""
+    if is_channels_last(x):
+        return x.permute(0, 2, 3, 1)[:, ::2, ::2].permute(0, 3, 1, 2)
+    return x[:, :, ::2, ::2]
+
+
+def odd_pixels(x: torch.Tensor) -> torch.Tensor:
+    """x[:, :, 1::2, 1::2], zero-padded at the bottom and right to the size of `even_pixels(x)`
+    where H or W is odd; channels-last as `even_pixels`."""
+    h, w = (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2
+    if is_channels_last(x):
+        odd = x.permute(0, 2, 3, 1)[:, 1::2, 1::2]
+        pad = (0, 0, 0, w - odd.shape[2], 0, h - odd.shape[1])
+        return (nn.functional.pad(odd, pad) if any(pad) else odd).permute(0, 3, 1, 2)
+    odd = x[:, :, 1::2, 1::2]
+    pad = (0, w - odd.shape[3], 0, h - odd.shape[2])
+    return nn.functional.pad(odd, pad) if any(pad) else odd
+
+
 class FactorizedReduce(nn.Module):
-    """Halves the spatial size with two 1x1 stride-2 convs, the second shifted by one pixel."""
+    """Halves the spatial size: one 1x1 conv on the even pixels x[::2, ::2], one on the odd pixels
+    x[1::2, 1::2] (zero where an odd size leaves none), concatenated. This is the DARTS code's
+    pair of stride-2 1x1 convs, the second on x shifted by one pixel and zero-padded back; here the
+    pixels are picked first and the convs run with stride 1, which computes the same and keeps
+    PyTorch's CPU off its strided 1x1 conv backward (with channels-last tensors and some small
+    odd batches, PyTorch 2.14's corrupts the heap)."""
 
     def __init__(self, c_in: int, c_out: int, affine: bool):
         super().__init__()
         check_even_channels(c_out, "FactorizedReduce c_out")
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, bias=False)
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(x)
-        # Padding the shifted copy back to full size makes odd sizes work; for even sizes the
-        # padded row and column are never sampled by the stride-2 conv.
-        shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        return self.bn(torch.cat([self.conv_1(even_pixels(x)), self.conv_2(odd_pixels(x))], dim=1))
 
 
 class Conv7x1x1x7(nn.Sequential):

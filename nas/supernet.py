@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import ConfigError
 from .fused import FusedCell
-from .ops import FactorizedReduce, ReLUConvBN, build_op
+from .ops import FactorizedReduce, ReLUConvBN, build_op, is_channels_last
 from .space import EdgeGroup, SearchSpace, Target
 
 
@@ -66,6 +66,18 @@ def sharpen(alpha: torch.Tensor) -> torch.Tensor:
 def clip_beta(beta: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
     """g(t) = min(t, clip), with zero gradient at and above the cap, as in the DA2S code."""
     return torch.where(beta < clip, beta, torch.full_like(beta, clip))
+
+
+class GlobalAverage(nn.Module):
+    """(B, C, H, W) -> (B, C), the mean over the pixels. For a channels-last x the mean is taken over
+    its (B, H, W, C) view, so that the backward pass hands the last cell a channels-last gradient
+    (nn.AdaptiveAvgPool2d's is (B, C, H, W)-contiguous, and every op of the cell's backward would
+    then mix the two memory orders)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_channels_last(x):
+            return x.permute(0, 2, 3, 1).mean((1, 2))
+        return x.mean((2, 3))
 
 
 class MixedOp(nn.Module):
@@ -130,7 +142,7 @@ class Supernet(nn.Module):
             self.cells.append(SearchCell(space, c_pp, c_p, c, reduction, reduction_prev))
             reduction_prev = reduction
             c_pp, c_p = c_p, space.nodes * c
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.global_pooling = GlobalAverage()
         self.classifier = nn.Linear(c_p, num_classes)
         self.memory_format = torch.contiguous_format
         self.autocast_dtype: torch.dtype | None = None
@@ -172,7 +184,7 @@ class Supernet(nn.Module):
             s0 = s1 = self.stem(self.prepare(x))
             for cell, level in zip(self.cells, self.space.level_of_cell):
                 s0, s1 = s1, cell(s0, s1, weights.ops[level], weights.edges[level])
-            logits = self.classifier(self.global_pooling(s1).flatten(1))
+            logits = self.classifier(self.global_pooling(s1))
         return logits.float() if self.autocast_dtype is not None else logits
 
 

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_search_config
 
-from nas.ops import DA2S_OPS, DARTS_OPS
+from nas.ops import DA2S_OPS, DARTS_OPS, FactorizedReduce
 from nas.search import run_search
 from nas.settings import SearchConfig
 from nas.space import SearchSpace, Target
@@ -74,3 +75,101 @@ def test_fast_search_follows_the_plain_alpha_trajectory(tiny_data, preset):
             assert (a - b).abs().max() < 0.05 * (a - 1).abs().max()
     assert plain.genotype == fast.genotype
     assert plain.history[-1]["train_loss"] == pytest.approx(fast.history[-1]["train_loss"], rel=1e-3)
+
+
+class _MemoryOrders(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op whose same-shaped tensors (operands and results, 4-D and up, none broadcast)
+    lie in memory in different orders: such an op runs about 10x slower on the CPU than one whose
+    tensors agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixed = []
+
+    @staticmethod
+    def _order(t: torch.Tensor) -> tuple[int, ...]:
+        dims = [d for d in range(t.dim()) if t.shape[d] > 1]
+        return tuple(sorted(dims, key=lambda d: -t.stride(d)))
+
+    # Ops that exist to give a tensor another shape or memory order.
+    LAYOUT_OPS = (
+        "view",
+        "permute",
+        "clone",
+        "copy",
+        "expand",
+        "slice",
+        "select",
+        "squeeze",
+        "unbind",
+        "split",
+        "alias",
+    )
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(name in str(func) for name in self.LAYOUT_OPS):
+            return out
+        results = out if isinstance(out, (tuple, list)) else [out]
+        tensors = [t for t in [*args, *(kwargs or {}).values(), *results] if isinstance(t, torch.Tensor)]
+        by_shape = {}
+        for t in tensors:
+            if t.dim() >= 4 and all(s > 1 or st != 0 for s, st in zip(t.shape, t.stride())) and 0 not in t.stride():
+                by_shape.setdefault(tuple(t.shape), set()).add(self._order(t))
+        for shape, orders in by_shape.items():
+            if len(orders) > 1:
+                self.mixed.append((str(func), shape, sorted(orders)))
+        return out
+
+
+@pytest.mark.parametrize("ops", [DARTS_OPS, DA2S_OPS])
+def test_channels_last_path_keeps_one_memory_order(ops):
+    """Forward, weight gradients and architecture gradients of the fused channels-last supernet:
+    no op meets two memory orders (the edge mixture, the reduction cells' subsampling and shifted
+    inputs, and the gradient handed back by the global pooling all stay channels-last)."""
+    torch.manual_seed(0)
+    space = SearchSpace(ops, nodes=4, cells=5)
+    net = Supernet(space, channels=4).set_fused(True).set_memory_format(torch.channels_last)
+    arch = Architecture(space, Target.parse("3 of 14", space), edge_params=True, alpha_init_std=1.0)
+    x = torch.randn(3, 3, 16, 16)
+    orders = _MemoryOrders()
+    with orders:
+        loss = net(x, arch()).square().sum()
+        grads = torch.autograd.grad(loss, [*net.parameters(), *arch.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads[-2:])
+    assert not orders.mixed, orders.mixed[:5]
+
+
+@pytest.mark.parametrize("size", [16, 15])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_factorized_reduce_is_the_strided_pair_of_convs(size, memory_format):
+    """FactorizedReduce picks the even and the odd pixels and runs stride-1 convs: the same values
+    and gradients as the DARTS form (stride-2 convs, the second on x shifted by one pixel and
+    zero-padded), odd sizes included; in float32 channels-last at an odd batch, where PyTorch's own
+    strided 1x1 conv backward corrupts the heap."""
+    torch.manual_seed(0)
+    op = FactorizedReduce(8, 16, affine=False)
+    x = torch.randn(3, 8, size, size, dtype=torch.float64)
+
+    def strided(x, w1, w2):
+        x = F.relu(x)
+        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        return F.batch_norm(
+            torch.cat([F.conv2d(x, w1, stride=2), F.conv2d(shifted, w2, stride=2)], 1), None, None, training=True
+        )
+
+    w1, w2 = op.conv_1.weight.detach().double().requires_grad_(), op.conv_2.weight.detach().double().requires_grad_()
+    xd = x.clone().requires_grad_()
+    want = strided(xd, w1, w2)
+    probe = torch.randn(want.shape, dtype=torch.float64)
+    want_grads = torch.autograd.grad((want * probe).sum(), [xd, w1, w2])
+    for dtype in (torch.float64, torch.float32):
+        net = copy.deepcopy(op).to(dtype).to(memory_format=memory_format)
+        xi = x.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+        got = net(xi)
+        assert got.shape == (3, 16, (size + 1) // 2, (size + 1) // 2)
+        grads = torch.autograd.grad((got * probe.to(dtype)).sum(), [xi, net.conv_1.weight, net.conv_2.weight])
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        assert torch.allclose(got.double(), want, atol=tol, rtol=tol)
+        for g, w in zip(grads, want_grads):
+            assert torch.allclose(g.double(), w, atol=tol * w.abs().max(), rtol=tol)
