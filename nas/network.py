@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .genotype import CellGenotype, Genotype
-from .ops import FactorizedReduce, Identity, ReLUConvBN, build_op
+from .ops import FactorizedReduce, GlobalAverage, Identity, ReLUConvBN, build_op
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -190,7 +190,7 @@ class EvalNetwork(nn.Module):
             if i == 2 * layers // 3 and auxiliary:
                 self.auxiliary = AuxiliaryHead(c_p, num_classes, self.imagenet)
                 self.auxiliary_after = i
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.global_pooling = GlobalAverage()
         self.classifier = nn.Linear(c_p, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -110,6 +110,18 @@ def odd_pixels(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.pad(odd, pad) if any(pad) else odd
 
 
+class GlobalAverage(nn.Module):
+    """(B, C, H, W) -> (B, C), the mean over the pixels. For a channels-last x the mean is taken over
+    its (B, H, W, C) view, so that the backward pass hands the last cell a channels-last gradient
+    (nn.AdaptiveAvgPool2d's is (B, C, H, W)-contiguous, and every op of the cell's backward would
+    then mix the two memory orders)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_channels_last(x):
+            return x.permute(0, 2, 3, 1).mean((1, 2))
+        return x.mean((2, 3))
+
+
 class FactorizedReduce(nn.Module):
     """Halves the spatial size: one 1x1 conv on the even pixels x[::2, ::2], one on the odd pixels
     x[1::2, 1::2] (zero where an odd size leaves none), concatenated. This is the DARTS code's

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import ConfigError
 from .fused import FusedCell
-from .ops import FactorizedReduce, ReLUConvBN, build_op, is_channels_last
+from .ops import FactorizedReduce, GlobalAverage, ReLUConvBN, build_op
 from .space import EdgeGroup, SearchSpace, Target
 
 
@@ -66,18 +66,6 @@ def sharpen(alpha: torch.Tensor) -> torch.Tensor:
 def clip_beta(beta: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
     """g(t) = min(t, clip), with zero gradient at and above the cap, as in the DA2S code."""
     return torch.where(beta < clip, beta, torch.full_like(beta, clip))
-
-
-class GlobalAverage(nn.Module):
-    """(B, C, H, W) -> (B, C), the mean over the pixels. For a channels-last x the mean is taken over
-    its (B, H, W, C) view, so that the backward pass hands the last cell a channels-last gradient
-    (nn.AdaptiveAvgPool2d's is (B, C, H, W)-contiguous, and every op of the cell's backward would
-    then mix the two memory orders)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_channels_last(x):
-            return x.permute(0, 2, 3, 1).mean((1, 2))
-        return x.mean((2, 3))
 
 
 class MixedOp(nn.Module):

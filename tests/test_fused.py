@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_search_config
 
+from nas.genotype import PUBLISHED
+from nas.network import EvalNetwork
 from nas.ops import DA2S_OPS, DARTS_OPS, FactorizedReduce
 from nas.search import run_search
 from nas.settings import SearchConfig
@@ -137,6 +139,20 @@ def test_channels_last_path_keeps_one_memory_order(ops):
         loss = net(x, arch()).square().sum()
         grads = torch.autograd.grad(loss, [*net.parameters(), *arch.parameters()])
     assert all(g.abs().sum() > 0 for g in grads[-2:])
+    assert not orders.mixed, orders.mixed[:5]
+
+
+def test_evaluation_network_keeps_one_memory_order():
+    """The same for a derived network in training (channels-last, as the CPU retrains it), with
+    its auxiliary head and drop-path."""
+    torch.manual_seed(0)
+    net = EvalNetwork(PUBLISHED["darts_v2"], channels=4, layers=5, auxiliary=True).to(memory_format=torch.channels_last)
+    net.drop_path_prob = 0.2
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    orders = _MemoryOrders()
+    with orders:
+        logits, aux = net(x)
+        torch.autograd.grad(logits.square().sum() + aux.square().sum(), list(net.parameters()))
     assert not orders.mixed, orders.mixed[:5]
 
 
