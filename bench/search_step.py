@@ -60,6 +60,7 @@ MODES = {
     "naive": ["runtime.fused=false", "runtime.channels_last=false", "runtime.amp=off"],
     "fast": [],  # the defaults: fused; channels-last on the CPU; float32
     "fast_native_dw": [],  # fast, with PyTorch's own depthwise-conv backward (nas.depthwise off)
+    "fast_no_c": [],  # fast, without the C depthwise weight gradient (as where no C compiler works)
     "fast_bf16": ["runtime.amp=bf16"],
     "fast_compile": ["runtime.compile=true"],
 }
@@ -206,6 +207,10 @@ def measure(
             import nas.depthwise
 
             nas.depthwise.enabled = False
+        if mode == "fast_no_c":
+            import nas.native
+
+            nas.native.disable()
         step, weight_step, forward = project_steps(name, mode, preset, dev)
     batch_size = CONFIGS[name]["batch_size"]
     g = torch.Generator().manual_seed(0)

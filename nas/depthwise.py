@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 Pair = tuple[int, int]
 
 enabled = True  # False: PyTorch's own backward everywhere (bench/search_step.py compares the two)
@@ -49,6 +51,10 @@ def space_to_batch(x: torch.Tensor) -> torch.Tensor:
 def _weight_grad(grad, x, weight, stride: Pair, padding: Pair, dilation: Pair) -> torch.Tensor:
     k = weight.shape[-1]
     h, w = x.shape[-2:]
+    square = weight.shape[-2] == k and len({*stride}) == len({*padding}) == len({*dilation}) == 1
+    # PyTorch's own is as fast as the C kernel only for the undilated 3x3 kernel (docs/cpu.md).
+    if square and (k, dilation) != (3, (1, 1)) and native.takes_weight_grad(x, grad):
+        return native.depthwise_weight_grad(x, grad, k, stride[0], padding[0], dilation[0]).to(weight.dtype)
     if (
         weight.shape[-2:] == (3, 3)
         and stride == (1, 1)
@@ -105,7 +111,10 @@ class _DepthwiseConv2d(torch.autograd.Function):
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0] and _engine_needs(ctx.nodes[0]):
-            grad_input = _input_grad(grad, x, weight, stride, padding, dilation)
+            if stride == (1, 1):
+                grad_input = _input_grad(grad, x, weight, stride, padding, dilation)
+            else:
+                grad_input = _native(grad, x, weight, stride, padding, dilation, (True, False, False))[0]
         if ctx.needs_input_grad[1] and _engine_needs(ctx.nodes[1]):
             grad_weight = _weight_grad(grad, x, weight, stride, padding, dilation)
         return grad_input, grad_weight, None, None, None
@@ -128,9 +137,13 @@ def depthwise_conv2d(
     """F.conv2d(x, weight, None, stride, padding, dilation, groups=weight.shape[0]) for a depthwise
     weight (C, 1, kh, kw), with the faster backward where `takes_fast_backward(x)`."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    # Only the dilated kernels: for them the backward above was measured 1.4-1.7x faster than
-    # PyTorch's (forward + backward of one op); for the undilated ones 1.0-1.2x, within the noise.
-    if not (enabled and stride == (1, 1) and dilation != (1, 1) and takes_fast_backward(x)):
+    if not (enabled and takes_fast_backward(x)):
+        return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
+    with_c_kernel = x.dtype == torch.float32 and native.available()
+    # Without the C weight gradient, only the dilated stride-1 kernels: for them the backward above
+    # was measured 1.4-1.7x faster than PyTorch's (forward + backward of one op); for the
+    # undilated ones 1.0-1.2x, within the noise.
+    if not with_c_kernel and not (stride == (1, 1) and dilation != (1, 1)):
         return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
     weight = weight.contiguous(memory_format=torch.channels_last)
     return _DepthwiseConv2d.apply(x, weight, stride, padding, dilation)

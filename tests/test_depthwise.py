@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nas.depthwise as depthwise
+from nas import native
 from nas.depthwise import depthwise_conv2d, space_to_batch, takes_fast_backward
 
 CL = torch.channels_last
@@ -112,3 +117,68 @@ def test_other_tensors_take_conv2d_unchanged():
     w = torch.randn(4, 1, 3, 3)
     assert not takes_fast_backward(x)
     assert depthwise_conv2d(x, w, 1, 1).grad_fn.name() == F.conv2d(x, w, None, 1, 1, 1, 4).grad_fn.name()
+
+
+def _c_kernel_or_skip():
+    if not native.available():
+        pytest.skip("no C compiler here: the C weight gradient is not built (PyTorch's own is used)")
+
+
+@pytest.mark.parametrize(("k", "stride", "padding", "dilation"), GEOMETRIES)
+@pytest.mark.parametrize("size", [(8, 8), (7, 10)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_weight_gradient_equals_the_float64_one(k, stride, padding, dilation, size, threads):
+    """nas/cpu_kernels.c against PyTorch's weight gradient in float64: every geometry, odd sizes,
+    split over one and two threads."""
+    _c_kernel_or_skip()
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, *size).contiguous(memory_format=CL)
+    y = F.conv2d(x, torch.zeros(16, 1, k, k), None, stride, padding, dilation, 16)
+    grad = torch.randn_like(y).contiguous(memory_format=CL)
+    expected = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), torch.zeros(16, 1, k, k, dtype=torch.float64), None, (stride,) * 2,
+        (padding,) * 2, (dilation,) * 2, False, (0, 0), 16, (False, True, False),
+    )[1]  # fmt: skip
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert native.takes_weight_grad(x, grad)
+        got = native.depthwise_weight_grad(x, grad, k, stride, padding, dilation)
+    finally:
+        torch.set_num_threads(saved)
+    assert got.shape == (16, 1, k, k) and got.dtype == torch.float32
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_c_weight_gradient_by_hand():
+    """One channel, 1x1 image pixels of value 2 and output gradients of 3 on a 2x2 image, 3x3 kernel,
+    padding 1: tap (i, j) sees the pixels it reaches inside the image, 2 * 3 each."""
+    _c_kernel_or_skip()
+    x = torch.full((1, 1, 2, 2), 2.0).contiguous(memory_format=CL)
+    grad = torch.full((1, 1, 2, 2), 3.0).contiguous(memory_format=CL)
+    got = native.depthwise_weight_grad(x, grad, 3, 1, 1, 1)[0, 0]
+    # the centre tap reaches all 4 pixels, edge taps 2, corner taps 1
+    assert torch.equal(got, 6.0 * torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]))
+
+
+def test_without_a_c_compiler_pytorchs_own_kernels_are_used(tmp_path):
+    """A machine without a working C compiler: no kernels, a warning, the same gradients."""
+    script = """
+import torch, torch.nn.functional as F
+import nas.native
+from nas.depthwise import depthwise_conv2d
+assert not nas.native.available()
+torch.manual_seed(0)
+x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+w = torch.randn(4, 1, 5, 5, requires_grad=True)
+a = torch.autograd.grad(F.conv2d(x, w, None, 1, 2, 1, 4).sum(), (x, w))
+b = torch.autograd.grad(depthwise_conv2d(x, w, 1, 2, 1).sum(), (x, w))
+assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-5) for p, q in zip(a, b))
+print("fallback ok")
+"""
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "NAS_KERNEL_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "fallback ok" in run.stdout
+    assert "C kernels not built" in run.stderr
+    assert not list((tmp_path / "cache").glob("*.so"))
