@@ -62,6 +62,8 @@ int dw_weight_grad_f32(const float *restrict x, const float *restrict gy, float 
             row_block(x, gy_row, gw, b, oh, H, W, C, Wo, K, stride, pad, dil, c0, 64);
         for (; c0 + 16 <= C; c0 += 16)
             row_block(x, gy_row, gw, b, oh, H, W, C, Wo, K, stride, pad, dil, c0, 16);
+        for (; c0 + 8 <= C; c0 += 8)
+            row_block(x, gy_row, gw, b, oh, H, W, C, Wo, K, stride, pad, dil, c0, 8);
         for (; c0 < C; ++c0)
             row_block(x, gy_row, gw, b, oh, H, W, C, Wo, K, stride, pad, dil, c0, 1);
     }

@@ -127,17 +127,19 @@ def _c_kernel_or_skip():
 @pytest.mark.parametrize(("k", "stride", "padding", "dilation"), GEOMETRIES)
 @pytest.mark.parametrize("size", [(8, 8), (7, 10)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_c_weight_gradient_equals_the_float64_one(k, stride, padding, dilation, size, threads):
+@pytest.mark.parametrize("channels", [16, 91])  # 91 = 64 + 16 + 8 + 3: every block width of the kernel
+def test_c_weight_gradient_equals_the_float64_one(k, stride, padding, dilation, size, threads, channels):
     """nas/cpu_kernels.c against PyTorch's weight gradient in float64: every geometry, odd sizes,
     split over one and two threads."""
     _c_kernel_or_skip()
     torch.manual_seed(0)
-    x = torch.randn(3, 16, *size).contiguous(memory_format=CL)
-    y = F.conv2d(x, torch.zeros(16, 1, k, k), None, stride, padding, dilation, 16)
+    c = channels
+    x = torch.randn(3, c, *size).contiguous(memory_format=CL)
+    y = F.conv2d(x, torch.zeros(c, 1, k, k), None, stride, padding, dilation, c)
     grad = torch.randn_like(y).contiguous(memory_format=CL)
     expected = torch.ops.aten.convolution_backward(
-        grad.double(), x.double(), torch.zeros(16, 1, k, k, dtype=torch.float64), None, (stride,) * 2,
-        (padding,) * 2, (dilation,) * 2, False, (0, 0), 16, (False, True, False),
+        grad.double(), x.double(), torch.zeros(c, 1, k, k, dtype=torch.float64), None, (stride,) * 2,
+        (padding,) * 2, (dilation,) * 2, False, (0, 0), c, (False, True, False),
     )[1]  # fmt: skip
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -146,7 +148,7 @@ def test_c_weight_gradient_equals_the_float64_one(k, stride, padding, dilation, 
         got = native.depthwise_weight_grad(x, grad, k, stride, padding, dilation)
     finally:
         torch.set_num_threads(saved)
-    assert got.shape == (16, 1, k, k) and got.dtype == torch.float32
+    assert got.shape == (c, 1, k, k) and got.dtype == torch.float32
     assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
