@@ -16,6 +16,7 @@
  * Summing a row first and then adding it to gw keeps float32 round-off at the level of a two-level
  * sum (Wo pixels, then the rows) rather than of one running sum over B*Ho*Wo pixels. Returns 0.
  */
+
 /* Adds to gw[., ., c0:c0+CB] the sums over output row (b, oh) of every tap, for CB channels. */
 static inline __attribute__((always_inline)) void row_block(
     const float *restrict x, const float *restrict gy_row, float *restrict gw, long b, long oh,

@@ -90,7 +90,9 @@ def _load() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        log.info("no C compiler found; the CPU search uses PyTorch's own depthwise weight gradient")
+        log.warning(
+            "no C compiler found (cc, gcc, clang); the CPU search uses PyTorch's slower depthwise weight gradient"
+        )
         return None
     path = _build(compiler)
     if path is None:
