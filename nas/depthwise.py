@@ -2,20 +2,24 @@
 
 PyTorch's CPU depthwise convolution (oneDNN, channels-last) runs its forward fast for every
 geometry of the search space, and its backward fast only for an undilated 3x3 kernel: the gradients
-of the 5x5 and of the dilated kernels take 10-20x their forward. `depthwise_conv2d` computes the
-same function with the same forward, and a backward built from the fast cases:
+of the 5x5 and of the dilated kernels take 5-20x their forward. `depthwise_conv2d` computes the
+same function with the same forward, and a backward built from fast parts:
 
-* input gradient: the forward convolution of the output gradient with the flipped kernel (padding
-  d(k-1) - p), 3-10x faster than PyTorch's for the dilated and 5x5 kernels;
-* weight gradient of the dilation-2 "same" 3x3 convolution (dil_conv_3x3): the image is split into
-  its four (even/odd row, even/odd column) sub-images stacked along the batch ("space to batch");
-  on them the convolution is an undilated 3x3 one with padding 1, whose weight gradient is fast.
+* input gradient (stride 1): the forward convolution of the output gradient with the flipped
+  kernel (padding d(k-1) - p), 3-10x faster than PyTorch's for the dilated and 5x5 kernels;
+  strided convolutions keep PyTorch's;
+* weight gradient: the C kernel of nas/native.py for every geometry but the undilated 3x3 (whose
+  PyTorch gradient is as fast); where the C kernel cannot be built, the dilation-2 "same" 3x3
+  convolution (dil_conv_3x3) splits the image into its four (even/odd row, even/odd column)
+  sub-images stacked along the batch ("space to batch"), on which it is an undilated 3x3 one with
+  padding 1, and the others are PyTorch's own. (Four offset 3x3 weight gradients covering a 5x5
+  kernel were measured slower than PyTorch's 5x5 one: the four shifted copies of the input cost
+  more memory traffic than they save.)
 
-Other weight gradients are PyTorch's own. (Four offset 3x3 weight gradients covering a 5x5 kernel
-were measured slower than PyTorch's 5x5 one here: the four shifted copies of the input cost more
-memory traffic than they save.) Only stride-1, float32 (or float64), channels-last tensors on the CPU, outside
-autocast, and of those only the dilated kernels (dil_conv_3x3, dil_conv_5x5; the measured gain on
-the undilated ones was within the noise), take this path; the rest is F.conv2d as it is.
+Only float32 (or float64) channels-last tensors on the CPU, outside autocast, take this path. With
+the C kernel, every geometry does; without it, only the stride-1 dilated kernels (dil_conv_3x3,
+dil_conv_5x5; the measured gain on the undilated ones was within the noise). The rest is F.conv2d
+as it is.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def _weight_grad(grad, x, weight, stride: Pair, padding: Pair, dilation: Pair) -
     square = weight.shape[-2] == k and len({*stride}) == len({*padding}) == len({*dilation}) == 1
     # PyTorch's own is as fast as the C kernel only for the undilated 3x3 kernel (docs/cpu.md).
     if square and (k, dilation) != (3, (1, 1)) and native.takes_weight_grad(x, grad):
-        return native.depthwise_weight_grad(x, grad, k, stride[0], padding[0], dilation[0]).to(weight.dtype)
+        return native.depthwise_weight_grad(x, grad, k, stride[0], padding[0], dilation[0])
     if (
         weight.shape[-2:] == (3, 3)
         and stride == (1, 1)

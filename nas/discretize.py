@@ -83,7 +83,7 @@ class DiscretizedNetwork(nn.Module):
         s0 = s1 = net.stem(net.prepare(x))
         for cell, level in zip(net.cells, net.space.level_of_cell):
             s0, s1 = s1, self._cell(cell, s0, s1, self.choices[level])
-        return net.classifier(net.global_pooling(s1).flatten(1))
+        return net.classifier(net.global_pooling(s1))
 
 
 class BoundSupernet(nn.Module):

@@ -204,7 +204,7 @@ class EvalNetwork(nn.Module):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if self.auxiliary is not None and i == self.auxiliary_after and self.training:
                 aux = self.auxiliary(s1)
-        return self.classifier(self.global_pooling(s1).flatten(1)), aux
+        return self.classifier(self.global_pooling(s1)), aux
 
 
 def count_parameters(model: nn.Module) -> int:
