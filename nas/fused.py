@@ -13,7 +13,9 @@ whose batch statistics are then identical) and the identity are the same for all
 * the mixture sum_o w_eo * o_e(h) is taken for all E edges together; for a conv op the weight
   w_eo is the affine weight of its last BN (a BN without affine parameters of its own), so the
   multiplication and, in the architecture step, the gradient of w_eo come out of the BN's own
-  forward and backward passes instead of passes over the op's output of their own.
+  forward and backward passes instead of passes over the op's output of their own; on the CPU
+  the rest of the mixture (the shared terms, weighted per edge, plus the conv terms) is one pass
+  forward and one backward (nas/mixture.py).
 
 The parameters stay those of the per-edge modules, so checkpoints, the discretized network and the
 plain forward all share them, and both forwards compute the same function: the same values up to
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import mixture
 from .depthwise import depthwise_conv2d
 from .ops import DilConv, FactorizedReduce, Identity, SepConv, even_pixels, is_channels_last, odd_pixels
 
@@ -184,18 +187,20 @@ class FusedCell:
 
         relu = F.relu(h)
         relu_rep = relu_even_rep = None
-        out = None
+        shared_ops: list[tuple[int, torch.Tensor]] = []  # (op, its output (B, C, H', W'), the same for every edge)
+        terms: list[torch.Tensor] = []  # the conv ops' outputs, already weighted (mixture layout)
+        weighted: list[tuple[int, torch.Tensor]] = []  # other per-edge outputs (mixture layout), to weight
         for o, name in enumerate(self.ops):
             if name == "none":
                 continue
             modules = [m.ops[o] for m in mixed]
             first = modules[0]
             if isinstance(first, Identity):
-                y = shared(h)
+                shared_ops.append((o, h))
             elif isinstance(first, nn.Sequential) and isinstance(first[0], (nn.MaxPool2d, nn.AvgPool2d)):
-                y = shared(shared_batch_norm(first[0](h), [m[1] for m in modules]))
+                shared_ops.append((o, shared_batch_norm(first[0](h), [m[1] for m in modules])))
             elif isinstance(first, FactorizedReduce):
-                y = per_edge(_factorized_reduce(relu, modules))
+                weighted.append((o, per_edge(_factorized_reduce(relu, modules))))
             elif isinstance(first, (SepConv, DilConv)):
                 # The mixture weight is the last BN's affine weight: the term comes out weighted.
                 scale = weights[:, o]
@@ -210,11 +215,20 @@ class FusedCell:
                     y = _dil_conv(relu_even_rep, modules, True, edges, subsampled=True, scale=scale)
                 else:
                     y = _dil_conv(relu_rep, modules, True, edges, scale=scale)
-                y = per_edge(y)
-                out = y if out is None else out + y
-                continue
+                terms.append(per_edge(y))
             else:  # an op without a fused form: one call per edge
-                y = per_edge(torch.cat([m(h) for m in modules], dim=1))
+                weighted.append((o, per_edge(torch.cat([m(h) for m in modules], dim=1))))
+        shared_outputs = [s for _, s in shared_ops]
+        out = None
+        if nhwc and mixture.takes(shared_outputs, terms):
+            out = mixture.mix(weights[:, [o for o, _ in shared_ops]], shared_outputs, terms)
+        else:
+            for o, s in shared_ops:
+                w = weights[:, o].view(w_shape)
+                out = shared(s) * w if out is None else torch.addcmul(out, shared(s), w)
+            for y in terms:
+                out = y if out is None else out + y
+        for o, y in weighted:
             w = weights[:, o].view(w_shape)
             out = y * w if out is None else torch.addcmul(out, y, w)
         # unbind, not indexing: its backward stacks once instead of zero-filling E copies.

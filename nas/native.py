@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,6 +106,12 @@ def _load() -> ctypes.CDLL | None:
     function = library.dw_weight_grad_f32
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 12
+    function = library.mix_forward_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 6
+    function = library.mix_backward_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 5
     return library
 
 
@@ -147,6 +154,32 @@ def _threads(n: int) -> ThreadPoolExecutor:
     return _pool
 
 
+# Below this many multiply-adds a kernel runs on the calling thread alone: handing a share to
+# another thread costs ~0.1 ms, more than it saves on smaller work (docs/cpu.md).
+PARALLEL_WORK = 4_000_000
+
+
+def _thread_count(rows: int, work: int) -> int:
+    return 1 if work < PARALLEL_WORK else max(1, min(torch.get_num_threads(), rows))
+
+
+def _parallel(rows: int, threads: int, run) -> None:
+    """run(i, first, end) for `threads` shares i of `rows`: share 0 on the calling thread, the
+    others on the pool's; raises if any call returns non-zero."""
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    others = []
+    if threads > 1:
+        pool = _threads(threads - 1)
+        others = [pool.submit(run, i, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    codes = [run(0, bounds[0], bounds[1])] + [f.result() for f in others]
+    if any(codes):
+        raise RuntimeError("a C kernel failed")
+
+
+def _addresses(tensors: Sequence[torch.Tensor]):
+    return (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
+
+
 def takes_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether `depthwise_weight_grad` takes these tensors: float32 channels-last on the CPU."""
     return (
@@ -170,18 +203,64 @@ def depthwise_weight_grad(
     b, c, h, w = x.shape
     ho, wo = grad.shape[-2:]
     rows = b * ho
-    n = max(1, min(torch.get_num_threads(), rows))
+    n = _thread_count(rows, rows * wo * c * kernel * kernel)
     partial = torch.zeros(n, kernel * kernel, c, dtype=torch.float32)
-    bounds = [rows * i // n for i in range(n + 1)]
     xs, gs = x.permute(0, 2, 3, 1), grad.permute(0, 2, 3, 1)
 
-    def run(i: int) -> int:
+    def run(i: int, first: int, end: int) -> int:
         return lib.dw_weight_grad_f32(
             xs.data_ptr(), gs.data_ptr(), partial[i].data_ptr(),
-            b, h, w, c, ho, wo, kernel, stride, padding, dilation, bounds[i], bounds[i + 1],
+            b, h, w, c, ho, wo, kernel, stride, padding, dilation, first, end,
         )  # fmt: skip
 
-    codes = [run(0)] if n == 1 else list(_threads(n).map(run, range(n)))
-    if any(codes):
-        raise RuntimeError("dw_weight_grad_f32 failed")
+    _parallel(rows, n, run)
     return partial.sum(0).t().reshape(c, 1, kernel, kernel)
+
+
+def mixture_forward(
+    weights: torch.Tensor, shared: Sequence[torch.Tensor], terms: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """out (N, E, C) = sum_k weights[:, k, None] * shared[k][:, None, :] + sum of `terms`, for
+    weights (E, K), shared (N, C) and terms (N, E, C), all dense float32 on the CPU."""
+    lib = library()
+    assert lib is not None
+    e, k = weights.shape
+    n, c = (shared[0] if shared else terms[0]).shape[0], (shared[0].shape[1] if shared else terms[0].shape[2])
+    out = torch.empty(n, e, c, dtype=torch.float32)
+    s_ptr, t_ptr = _addresses(shared), _addresses(terms)
+    _parallel(
+        n,
+        _thread_count(n, n * e * c * (k + len(terms))),
+        lambda i, first, end: lib.mix_forward_f32(
+            out.data_ptr(), s_ptr, weights.data_ptr(), t_ptr, e, c, k, len(terms), first, end
+        ),
+    )
+    return out
+
+
+def mixture_backward(
+    grad: torch.Tensor, weights: torch.Tensor, shared: Sequence[torch.Tensor], need_shared: bool, need_weights: bool
+) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """The gradients of `mixture_forward` with respect to each shared term (N, C) and to the
+    weights (E, K), given the output gradient `grad` (N, E, C), dense float32."""
+    lib = library()
+    assert lib is not None
+    n, e, c = grad.shape
+    k = weights.shape[1]
+    grads = [torch.empty(n, c, dtype=torch.float32) for _ in shared] if need_shared else None
+    threads = _thread_count(n, n * e * c * k)
+    partial = torch.zeros(threads, e, k, c, dtype=torch.float32) if need_weights else None
+    scratch = torch.empty(threads, e, k, c, dtype=torch.float32) if need_weights else None
+    s_ptr = _addresses(shared)
+    g_ptr = _addresses(grads) if grads is not None else None
+
+    def run(i: int, first: int, end: int) -> int:
+        return lib.mix_backward_f32(
+            grad.data_ptr(), s_ptr, weights.data_ptr(), g_ptr,
+            partial[i].data_ptr() if partial is not None else None,
+            scratch[i].data_ptr() if scratch is not None else None,
+            e, c, k, first, end,
+        )  # fmt: skip
+
+    _parallel(n, threads, run)
+    return grads, (partial.sum((0, 3)) if partial is not None else None)

@@ -220,7 +220,10 @@ class Search:
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         if self.config.weights.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.supernet.parameters(), self.config.weights.grad_clip)
+            # The optimiser's list of the supernet's parameters: no walk over the modules per step;
+            # foreach: one call for all gradients (on the CPU too, where it is not the default).
+            weights = self.weight_optimizer.param_groups[0]["params"]
+            torch.nn.utils.clip_grad_norm_(weights, self.config.weights.grad_clip, foreach=True)
         self.weight_optimizer.step()
         return loss.detach(), logits.detach()
 

@@ -128,10 +128,11 @@ def _c_kernel_or_skip():
 @pytest.mark.parametrize("size", [(8, 8), (7, 10)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("channels", [16, 91])  # 91 = 64 + 16 + 8 + 3: every block width of the kernel
-def test_c_weight_gradient_equals_the_float64_one(k, stride, padding, dilation, size, threads, channels):
+def test_c_weight_gradient_equals_the_float64_one(k, stride, padding, dilation, size, threads, channels, monkeypatch):
     """nas/cpu_kernels.c against PyTorch's weight gradient in float64: every geometry, odd sizes,
-    split over one and two threads."""
+    split over one and two threads (these sizes are below the work that is split by default)."""
     _c_kernel_or_skip()
+    monkeypatch.setattr(native, "PARALLEL_WORK", 0)
     torch.manual_seed(0)
     c = channels
     x = torch.randn(3, c, *size).contiguous(memory_format=CL)
@@ -167,9 +168,10 @@ def test_without_a_c_compiler_pytorchs_own_kernels_are_used(tmp_path):
     """A machine without a working C compiler: no kernels, a warning, the same gradients."""
     script = """
 import torch, torch.nn.functional as F
-import nas.native
+import nas.native, nas.mixture
 from nas.depthwise import depthwise_conv2d
 assert not nas.native.available()
+assert not nas.mixture.takes([torch.randn(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)], [])
 torch.manual_seed(0)
 x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
 w = torch.randn(4, 1, 5, 5, requires_grad=True)
