@@ -63,9 +63,9 @@ class _Mixture(torch.autograd.Function):
         return (grad_weights, None, None, *grad_shared, *grad_terms)
 
 
-def takes(shared: Sequence[torch.Tensor], terms: Sequence[torch.Tensor]) -> bool:
+def takes(weights: torch.Tensor, shared: Sequence[torch.Tensor], terms: Sequence[torch.Tensor]) -> bool:
     """Whether `mix` runs the C kernels for these tensors."""
-    tensors = [*shared, *terms]
+    tensors = [weights, *shared, *terms]
     if not (enabled and shared):
         return False
     return (
@@ -79,7 +79,12 @@ def takes(shared: Sequence[torch.Tensor], terms: Sequence[torch.Tensor]) -> bool
 
 def mix(weights: torch.Tensor, shared: Sequence[torch.Tensor], terms: Sequence[torch.Tensor]) -> torch.Tensor:
     """sum_k weights[:, k] * shared[k] + sum(terms) as (B, H, W, E, C), for weights (E, K), shared
-    (B, C, H, W) channels-last and terms (B, H, W, E, C), where `takes(shared, terms)`."""
+    (B, C, H, W) channels-last and terms (B, H, W, E, C), where `takes(weights, shared, terms)`."""
     b, c, h, w = shared[0].shape
     shape = (b, h, w, weights.shape[0], c)
+    # The kernels trust these shapes (they read through raw pointers).
+    if weights.shape != (shape[3], len(shared)) or any(s.shape != (b, c, h, w) for s in shared):
+        raise ValueError(f"mixture: weights {tuple(weights.shape)} and shared terms do not match")
+    if any(t.shape != shape for t in terms):
+        raise ValueError(f"mixture: per-edge terms {[tuple(t.shape) for t in terms]}, expected {shape}")
     return _Mixture.apply(weights, shape, len(shared), *shared, *terms)

@@ -2,7 +2,9 @@
 
 PyTorch's CPU weight gradient of a depthwise convolution takes 5-10x its forward for the 5x5 and
 the dilated kernels of the search space (docs/cpu.md). `depthwise_weight_grad` computes it in one
-pass over the input and the output gradient (nas/cpu_kernels.c), on PyTorch's number of threads.
+pass over the input and the output gradient (nas/cpu_kernels.c). `mixture_forward` and
+`mixture_backward` are the edge mixture of a fused node (nas/mixture.py) in one pass each. Work
+above `PARALLEL_WORK` multiply-adds is split over PyTorch's number of threads.
 
 The C source is compiled once per machine into a cache folder ($NAS_KERNEL_CACHE, else
 ~/.cache/nas/kernels, else the temporary folder), under a name that hashes the source, the
@@ -92,7 +94,7 @@ def _load() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         log.warning(
-            "no C compiler found (cc, gcc, clang); the CPU search uses PyTorch's slower depthwise weight gradient"
+            "no C compiler found (cc, gcc, clang); the CPU search uses PyTorch's own, slower kernels"
         )
         return None
     path = _build(compiler)

@@ -171,7 +171,7 @@ import torch, torch.nn.functional as F
 import nas.native, nas.mixture
 from nas.depthwise import depthwise_conv2d
 assert not nas.native.available()
-assert not nas.mixture.takes([torch.randn(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)], [])
+assert not nas.mixture.takes(torch.ones(1, 1), [torch.randn(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)], [])
 torch.manual_seed(0)
 x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
 w = torch.randn(4, 1, 5, 5, requires_grad=True)

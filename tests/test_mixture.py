@@ -37,7 +37,7 @@ def test_mixture_and_its_gradients_equal_the_float64_ones(
     weights = torch.randn(edges, shared_count, requires_grad=True)
     shared = [torch.randn(b, c, h, w).contiguous(memory_format=CL).requires_grad_() for _ in range(shared_count)]
     terms = [torch.randn(b, h, w, edges, c, requires_grad=True) for _ in range(term_count)]
-    assert mixture.takes(shared, terms)
+    assert mixture.takes(weights, shared, terms)
     grad = torch.randn(b, h, w, edges, c)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -86,11 +86,24 @@ def test_fixed_weights_give_the_same_input_gradients():
 
 
 def test_other_tensors_take_the_pytorch_form():
+    _c_kernels_or_skip()
     x = torch.randn(2, 8, 4, 4)  # contiguous (NCHW), not channels-last
-    assert not mixture.takes([x], [])
-    assert not mixture.takes([x.double().contiguous(memory_format=CL)], [])
+    w = torch.randn(3, 1)
+    assert mixture.takes(w, [x.contiguous(memory_format=CL)], [])
+    assert not mixture.takes(w, [x], [])
+    assert not mixture.takes(w, [x.double().contiguous(memory_format=CL)], [])
+    assert not mixture.takes(w.double(), [x.contiguous(memory_format=CL)], [])
     mixture.enabled = False
     try:
-        assert not mixture.takes([x.contiguous(memory_format=CL)], [])
+        assert not mixture.takes(w, [x.contiguous(memory_format=CL)], [])
     finally:
         mixture.enabled = True
+
+
+def test_shapes_that_do_not_match_are_refused():
+    _c_kernels_or_skip()
+    s = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)
+    with pytest.raises(ValueError, match="weights"):
+        mixture.mix(torch.randn(3, 2), [s], [])  # two weights per edge, one shared term
+    with pytest.raises(ValueError, match="per-edge terms"):
+        mixture.mix(torch.randn(3, 1), [s], [torch.randn(2, 4, 4, 2, 8)])  # 2 edges, not 3
