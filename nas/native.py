@@ -93,9 +93,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        log.warning(
-            "no C compiler found (cc, gcc, clang); the CPU search uses PyTorch's own, slower kernels"
-        )
+        log.warning("no C compiler found (cc, gcc, clang); the CPU search uses PyTorch's own, slower kernels")
         return None
     path = _build(compiler)
     if path is None:
