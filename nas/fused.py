@@ -219,10 +219,9 @@ class FusedCell:
             else:  # an op without a fused form: one call per edge
                 weighted.append((o, per_edge(torch.cat([m(h) for m in modules], dim=1))))
         shared_outputs = [s for _, s in shared_ops]
-        shared_weights = weights[:, [o for o, _ in shared_ops]]
         out = None
-        if nhwc and mixture.takes(shared_weights, shared_outputs, terms):
-            out = mixture.mix(shared_weights, shared_outputs, terms)
+        if nhwc and mixture.takes(weights, shared_outputs, terms):
+            out = mixture.mix(weights[:, [o for o, _ in shared_ops]], shared_outputs, terms)
         else:
             for o, s in shared_ops:
                 w = weights[:, o].view(w_shape)

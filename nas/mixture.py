@@ -64,7 +64,8 @@ class _Mixture(torch.autograd.Function):
 
 
 def takes(weights: torch.Tensor, shared: Sequence[torch.Tensor], terms: Sequence[torch.Tensor]) -> bool:
-    """Whether `mix` runs the C kernels for these tensors."""
+    """Whether `mix` runs the C kernels for these tensors (`weights`: the mixture weights, or the
+    tensor they are taken from, on the same device and of the same dtype)."""
     tensors = [weights, *shared, *terms]
     if not (enabled and shared):
         return False

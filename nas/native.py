@@ -225,7 +225,7 @@ def mixture_forward(
     lib = library()
     assert lib is not None
     e, k = weights.shape
-    n, c = (shared[0] if shared else terms[0]).shape[0], (shared[0].shape[1] if shared else terms[0].shape[2])
+    n, c = shared[0].shape if shared else (terms[0].shape[0], terms[0].shape[2])
     out = torch.empty(n, e, c, dtype=torch.float32)
     s_ptr, t_ptr = _addresses(shared), _addresses(terms)
     _parallel(
