@@ -40,6 +40,7 @@ from .data import (
     stream_generator,
     synthetic_cifar,
 )
+from .environment import environment
 from .genotype import Genotype
 from .network import EvalNetwork, count_macs, count_parameters
 from .ops import check_even_channels
@@ -184,9 +185,16 @@ class EvalResult:
     metrics: dict[str, float]
     info: dict[str, Any]
     out_dir: Path | None = None
+    environment: dict[str, str] = field(default_factory=environment)  # nas/environment.py
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "metrics": self.metrics, "info": self.info, "history": self.history}
+        return {
+            "config": self.config.to_dict(),
+            "metrics": self.metrics,
+            "info": self.info,
+            "environment": self.environment,
+            "history": self.history,
+        }
 
 
 def network_for(genotype: Genotype, config: EvalConfig) -> EvalNetwork:
@@ -326,7 +334,9 @@ def run_evaluation(
         stored = json.loads((out / RESULT).read_text())
         if _same_run(stored["config"], config) and len(stored["history"]) == config.epochs:
             log.info("evaluation in %s is finished; its result is in %s", out, out / RESULT)
-            return EvalResult(config, stored["history"], stored["metrics"], stored["info"], out)
+            return EvalResult(
+                config, stored["history"], stored["metrics"], stored["info"], out, stored.get("environment", {})
+            )
 
     torch.manual_seed(config.seed)
     model = network_for(genotype, config)

@@ -30,6 +30,7 @@ from .architect import Architect
 from .config import ConfigError
 from .data import SearchData, batches, make_search_data, stream_generator
 from .discretize import BoundSupernet, accuracy
+from .environment import environment
 from .genotype import Genotype, derive_genotype
 from .losses import warmup_epoch
 from .runtime import (
@@ -83,6 +84,7 @@ class SearchResult:
     out_dir: Path | None = None
     # Under `config.derive_targets`, in their order (docs/science.md D14).
     derivations: list[Derivation] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=environment)  # nas/environment.py
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], out_dir: Path | None = None) -> SearchResult:
@@ -94,6 +96,7 @@ class SearchResult:
             dict(data.get("info", {})),
             out_dir,
             [Derivation.from_dict(d) for d in data.get("derivations", [])],
+            dict(data.get("environment", {})),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +107,7 @@ class SearchResult:
             "metrics": self.metrics,
             "derivations": [d.to_dict() for d in self.derivations],
             "info": self.info,
+            "environment": self.environment,
             "history": self.history,
         }
 

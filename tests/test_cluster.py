@@ -41,7 +41,7 @@ def test_gpu_workers_project_install_and_mlflow_server(cluster):
     assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))  # AWS GPU instance families
     assert gpu["max_workers"] >= 1
     setup = " ".join(cluster["setup_commands"])
-    assert "pip install -e ~/da2s-nas" in setup and "ray[default]" in setup
+    assert "pip install -c ~/da2s-nas/constraints.txt -e ~/da2s-nas" in setup and "ray[default]" in setup
     assert cluster["file_mounts"]["/home/ubuntu/da2s-nas"] == "."
     head = " ".join(cluster["head_start_ray_commands"])
     assert "mlflow server" in head and "--serve-artifacts" in head
@@ -175,7 +175,10 @@ def test_setup_and_start_commands_run_under_rays_login_shell(cluster, tmp_path):
     ] * 2
     # (Ray's wrapper exports RAY_HEAD_IP as a JSON string, quotes included.)
     assert any(c.startswith("ray start --address=") and "10.0.0.5" in c and ":6379" in c for c in calls)
-    assert f"python -m pip install -e {tmp_path}/home/da2s-nas ray[default]==2.60.0 boto3>=1.4.8" in calls
+    assert (
+        f"python -m pip install -c {tmp_path}/home/da2s-nas/constraints.txt -e {tmp_path}/home/da2s-nas "
+        "ray[default]==2.60.0 boto3>=1.4.8"
+    ) in calls
     assert any(c.startswith("nvidia-smi") for c in calls)  # the workers check their GPU
     home = tmp_path / "home"
     bashrc = (home / ".bashrc").read_text()

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIENCE = ROOT / "docs" / "science.md"
-SCANNED = ("nas", "tuning", "sweeps", "bench", "docs", "configs", "tests", "README.md")
+SCANNED = ("nas", "tuning", "sweeps", "bench", "tools", "docs", "configs", "tests", "README.md")
 SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt"}
 # Documents outside the repository (spelled in pieces so that this file does not cite them).
 OUTSIDE = tuple(name + suffix for name, suffix in (("SCIENCE", ".md"), ("ARCHITECTURE", ".md"), ("STYLE", ".md")))

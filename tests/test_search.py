@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +27,13 @@ def test_short_search_writes_result_history_metrics_and_artifacts(tmp_path, tiny
     result = run_search(config, tmp_path, data=tiny_data, callbacks=[events.append])
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["config"]["preset"] == "da2s" and saved["target"] == "4 of 14"
+    # The software it came from (nas/environment.py).
+    environment = saved["environment"]
+    assert environment["python"] == platform.python_version() and environment["torch"] == metadata.version("torch")
+    assert environment["numpy"] == metadata.version("numpy") and environment["cuda"] == (torch.version.cuda or "none")
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    head = git.stdout.strip() if git.returncode == 0 else ""
+    assert environment["commit"] in ((head, head + "+dirty") if head else ("unknown",))
     assert len(saved["history"]) == 3 and [e.epoch for e in events] == [1, 2, 3]
     record = saved["history"][-1]
     for key in (

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,13 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     assert "interrupted" not in parent[0].data.tags
     assert parent[0].data.metrics["trials_finished"] == 3 and "best_discretized_acc" in parent[0].data.metrics
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {outcome.parent_run_id}
+    # The software every run came from: the sweep's and each trial's, the same on one machine.
+    environment = {k: v for k, v in parent[0].data.tags.items() if k.startswith("environment.")}
+    for package in ("torch", "numpy", "ray", "optuna", "mlflow"):
+        assert environment[f"environment.{package}"] == metadata.version(package)
+    assert len(environment["environment.commit"]) >= 40 or environment["environment.commit"] == "unknown"
+    for run in trials:
+        assert {k: v for k, v in run.data.tags.items() if k.startswith("environment.")} == environment
     failed = [r for r in trials if r.info.status == "FAILED"]
     assert len(failed) == 2 and "NaN or infinite" in failed[0].data.tags["failure"]
     for run in trials:
@@ -134,6 +143,8 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
             assert f"cell_{level}" in images  # the compare view's image grid of the cells
         top = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"genotype.json", "config.json", "result.json", "cells", "plots"} <= top
+        stored = json.loads(Path(client.download_artifacts(run.info.run_id, "result.json", str(tmp_path))).read_text())
+        assert stored["environment"]["numpy"] == metadata.version("numpy") and "cudnn" in stored["environment"]
         cells = {a.path for a in client.list_artifacts(run.info.run_id, "cells")}
         assert cells == {"cells/cell_normal.png", "cells/cell_reduce.png"}
         genotype = json.loads(
@@ -216,6 +227,8 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     assert done.returncode == 0, done.stderr
     report = (out / "report.md").read_text()
     assert "skip_connect ops per level" in report
+    assert f"Environment: python {platform.python_version()}, torch {metadata.version('torch')}" in report
+    assert f"optuna {metadata.version('optuna')}, mlflow {metadata.version('mlflow')}, commit " in report
     # The evaluated trials: their search drops beside their retrained test accuracies.
     evaluated = sum(e.status == "FINISHED" for e in outcome.evaluations)
     assert "## Search vs. retrained accuracy (cifar10)" in report and f"(n = {evaluated})" in report

@@ -119,6 +119,9 @@ class SamplerConfig:
     # Default: tpe for one objective, nsga2 for several.
     type: Literal["tpe", "nsga2", "grid", "random"] | None = None
     seed: int | None = 0
+    # NSGA-II's generation size (Optuna's default: 50). Its first generation is random sampling, so a
+    # sweep of fewer trials than two generations never selects: set it to a fraction of num_samples.
+    population_size: int | None = field(default=None, metadata={"min": 2})
 
 
 @dataclass
@@ -290,6 +293,10 @@ class SweepConfig:
             raise ConfigError("space.target.fold", True, f"needs the grid sampler (sampler.type: grid), not {sampler}")
         if sampler == "nsga2" and len(objectives) < 2:
             raise ConfigError("sampler.type", "nsga2", "NSGA-II is for several objectives; use tpe for one")
+        if self.sampler.population_size is not None and sampler != "nsga2":
+            raise ConfigError(
+                "sampler.population_size", self.sampler.population_size, f"is NSGA-II's; not used by {sampler}"
+            )
         if self.num_samples is None:
             raise ConfigError("num_samples", None, "how many trials to run (an integer >= 1)")
         if not self.space:

@@ -27,7 +27,7 @@ from .accelerators import AcceleratorError, claim_accelerators, effective_precis
 from .config import SweepConfig
 from .storage import Storage
 from .threads import place_threads
-from .tracking import PENDING_FILE, TrackedRun, params_of
+from .tracking import PENDING_FILE, TrackedRun, environment_tags, params_of
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _evaluate(
     run.open(
         f"eval-{job.dataset}-{job.trial_id}",
         params,
-        {"kind": "evaluation", "sweep": sweep_name, "dataset": job.dataset},
+        {"kind": "evaluation", "sweep": sweep_name, "dataset": job.dataset, **environment_tags()},
     )
     if run.status == "FINISHED":
         metrics = dict(run.client.get_run(run.run_id).data.metrics)

@@ -22,10 +22,20 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from nas.config import ConfigError
+from nas.environment import environment
 
 from .config import SweepConfig
 from .storage import Storage
-from .tracking import PENDING_FILE, log_params, params_of, redact, replay_pending, retrying
+from .tracking import (
+    PENDING_FILE,
+    environment_of,
+    environment_tags,
+    log_params,
+    params_of,
+    redact,
+    replay_pending,
+    retrying,
+)
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -42,8 +52,9 @@ def parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: S
         retrying(lambda: client.update_run(run_id, status="RUNNING"), "reopen sweep run")
         if resume:
             retrying(lambda: client.set_tag(run_id, "resumed", "true"), "tag sweep run")
+            _note_environment_change(client, run_id)
         return run_id
-    tags = {"kind": "sweep", "sweep": sweep.name, "sampler": sweep.sampler_type()}
+    tags = {"kind": "sweep", "sweep": sweep.name, "sampler": sweep.sampler_type(), **environment_tags()}
     run = retrying(
         lambda: client.create_run(experiment_id, tags=tags, run_name=f"sweep-{sweep.name}"), "create sweep run"
     )
@@ -55,6 +66,23 @@ def parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: S
     retrying(lambda: client.log_text(run_id, text, "sweep.yaml"), "log sweep")
     marker.write_text(run_id + "\n")
     return run_id
+
+
+def _note_environment_change(client, run_id: str) -> None:
+    """A sweep resumed with other library versions (or code) than it started with: said once on the
+    driver's log and kept on the sweep's run as `resumed_environment.NAME` tags; each trial's run
+    records the versions it ran with."""
+    started = environment_of(retrying(lambda: client.get_run(run_id), "get sweep run").data.tags)
+    now = environment()
+    changed = {k: (started.get(k, "?"), v) for k, v in now.items() if started and started.get(k) != v}
+    if not changed:
+        return
+    log.warning(
+        "this sweep is resumed with other versions than it started with (%s); trials started from now on record theirs",
+        ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()),
+    )
+    for name, (_, version) in changed.items():
+        retrying(lambda name=name, v=version: client.set_tag(run_id, f"resumed_environment.{name}", v), "tag sweep run")
 
 
 def journal_path(sweep: SweepConfig, base: Path, experiment_dir: Storage, resume: bool = False) -> Path:

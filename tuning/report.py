@@ -18,11 +18,12 @@ import io
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nas.environment import describe
 from nas.metrics import (
     DISCRETIZED_ACC,
     DISCRETIZED_BN_RECAL_ACC,
@@ -38,7 +39,7 @@ from nas.metrics import (
 from nas.plots import pyplot, save_figure
 
 from .presentation import DERIVED_TARGETS_TAG, report_names, skip_connect_keys
-from .tracking import PARENT_TAG, client_for, retrying
+from .tracking import PARENT_TAG, client_for, environment_of, retrying
 
 COLUMNS = (
     (SUPERNET_ACC, "supernet"),
@@ -181,7 +182,17 @@ def report_text(
     text += "\n\n"
     if layout == "table4":
         text += table4(rows) + "\n\nAll columns:\n\n"
-    return text + markdown_table(rows) + "\n"
+    return text + markdown_table(rows) + "\n\n" + environment_text(finished) + "\n"
+
+
+def environment_text(trials: Sequence[TrialRecord]) -> str:
+    """The software the searches ran with (nas/environment.py), one line per distinct environment."""
+    searches = {t.run_id: describe(environment_of(t.tags)) or "not recorded" for t in trials}
+    counts = Counter(searches.values())
+    if len(counts) == 1:
+        return f"Environment: {next(iter(counts))}."
+    lines = [f"- {env} ({n} searches)" for env, n in counts.most_common()]
+    return "Environments (the searches did not all run with the same versions):\n\n" + "\n".join(lines)
 
 
 def _method_key(method: str) -> tuple:

@@ -16,12 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from nas import metrics as m
 from nas.data import resolve_root
@@ -30,7 +27,7 @@ from . import preflight, recovery
 from .config import SweepConfig
 from .evaluation import run_evaluation_stage
 from .presentation import present_experiment, present_summary
-from .space import SpaceSampler, make_sampler
+from .space import make_searcher
 from .storage import Storage, open_storage
 from .tracking import (
     client_for,
@@ -44,35 +41,6 @@ from .tracking import (
 from .trainable import TrialSettings, search_trial
 
 log = logging.getLogger(__name__)
-
-
-class SweepSearch(OptunaSearch):
-    """OptunaSearch that gives Optuna only final results. Without an Optuna pruner the per-epoch
-    values would be unused (early stopping is the Tune scheduler's job), and final-only objectives
-    such as discretized accuracy after BN recalibration have no per-epoch value.
-
-    With `mirror`, every change of the study's journal is copied there (the sweep's storage) before
-    Ray can save a state that refers to it, so that a new driver can resume the sweep."""
-
-    def __init__(self, *args, journal: str | None = None, mirror: Storage | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.journal, self.mirror = journal, mirror
-
-    def _mirror(self) -> None:
-        if getattr(self, "mirror", None) is not None and self.journal and os.path.exists(self.journal):
-            self.mirror.upload(self.journal)
-
-    def suggest(self, trial_id: str):
-        suggestion = super().suggest(trial_id)
-        self._mirror()
-        return suggestion
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        return None
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        super().on_trial_complete(trial_id, result, error)
-        self._mirror()
 
 
 class RunFinalizer(tune.Callback):
@@ -329,22 +297,11 @@ def _new_tuner(
     experiment_id: str,
 ) -> tune.Tuner:  # fmt: skip
     """The Tuner of a new sweep: Optuna's study as searcher, the scheduler, storage and callbacks."""
-    objectives = sweep.objectives()
-    multi = len(objectives) > 1
     # The study lives in a journal file beside Ray's state: always current (Ray snapshots the
-    # searcher only now and then, not after the last result), and readable with
-    # optuna.load_study(study_name=NAME, storage=JournalStorage(JournalFileBackend(PATH))).
+    # searcher only now and then, not after the last result).
     journal = recovery.journal_path(sweep, base, experiment_dir)
-    searcher = SweepSearch(
-        journal=str(journal),
-        mirror=None if experiment_dir.local_path is not None else experiment_dir / recovery.OPTUNA_JOURNAL,
-        space=SpaceSampler.for_sweep(sweep),
-        study_name=sweep.name,
-        storage=JournalStorage(JournalFileBackend(str(journal))),
-        metric=[o.metric for o in objectives] if multi else objectives[0].metric,
-        mode=[o.mode for o in objectives] if multi else objectives[0].mode,
-        sampler=make_sampler(sweep),
-    )
+    mirror = None if experiment_dir.local_path is not None else experiment_dir / recovery.OPTUNA_JOURNAL
+    searcher = make_searcher(sweep, journal, mirror)
     epochs = sweep.base_search().epochs
     if sweep.scheduler.type == "asha":
         scheduler = ASHAScheduler(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nas.config import flatten_mapping
+from nas.environment import environment
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,19 @@ T = TypeVar("T")
 ARTIFACT_FILES = ("genotype.json", "config.json", "result.json")
 # derive/: the genotypes and cells under further targets (docs/science.md D14), where asked for.
 ARTIFACT_DIRS = ("cells", "plots", "derive")
+
+
+# Tags of the software a run came from (nas/environment.py): environment.python, environment.torch, ...
+ENVIRONMENT_PREFIX = "environment."
+
+
+def environment_tags() -> dict[str, str]:
+    return {ENVIRONMENT_PREFIX + name: version for name, version in environment().items()}
+
+
+def environment_of(tags: Mapping[str, str]) -> dict[str, str]:
+    """The environment recorded in a run's tags (empty for runs written before it was recorded)."""
+    return {k[len(ENVIRONMENT_PREFIX) :]: v for k, v in tags.items() if k.startswith(ENVIRONMENT_PREFIX)}
 
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")

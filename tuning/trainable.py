@@ -49,7 +49,7 @@ from .presentation import (
     trial_note,
 )
 from .threads import place_threads
-from .tracking import PENDING_FILE, TrackedRun, params_of
+from .tracking import PENDING_FILE, TrackedRun, environment_tags, params_of
 
 
 @dataclass
@@ -153,7 +153,7 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     run.open(
         trial_name(method, config, trial_id),
         params_of(config.to_dict(), extras),
-        {"sweep": settings.sweep, "kind": "trial", COLOUR_TAG: method_colour(method)},
+        {"sweep": settings.sweep, "kind": "trial", COLOUR_TAG: method_colour(method), **environment_tags()},
     )
     if problem is not None:
         run.set_tags({"failure": f"{type(problem).__name__}: {problem}"})
