@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from .config import ConfigError
 from .data import DataNotFoundError
+from .distributed import join_launcher_group
 from .evaluate import MOBILE_MACS, EvalConfig, run_evaluation
 from .genotype import PUBLISHED, resolve_genotype
 from .metrics import (
@@ -147,12 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "evaluate":
             genotype = resolve_genotype(args.genotype)
             config = EvalConfig.resolve(args.dataset, args.config, args.overrides, args.data_root)
+            group = join_launcher_group(config.device)  # data-parallel under torchrun (docs/science.md §4.3)
             result = run_evaluation(genotype, config, args.out, progress=not quiet, resume=not args.no_resume)
             m = result.metrics
-            print(
-                f"test error {m['test_top1_error']:.2f}% (top-5 {m['test_top5_error']:.2f}%), "
-                f"{m['params'] / 1e6:.2f}M parameters, {m['macs'] / 1e6:.0f}M multiply-adds; results in {args.out}/result.json"
-            )
+            if group.leader:
+                print(
+                    f"test error {m['test_top1_error']:.2f}% (top-5 {m['test_top5_error']:.2f}%), "
+                    f"{m['params'] / 1e6:.2f}M parameters, {m['macs'] / 1e6:.0f}M multiply-adds; results in {args.out}/result.json"
+                )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -176,6 +176,36 @@ def imagenet_folder(root: str, split: Literal["train", "val"], transform=None):
     return torchvision.datasets.ImageFolder(str(path), transform=transform)
 
 
+class DraftRandomResizedCrop(torch.nn.Module):
+    """torchvision's RandomResizedCrop(size) on a JPEG that is not decoded yet (`Image.open` without
+    `convert`): the crop is drawn on the full image, with the same distribution, and the JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, `Image.draft`) where the crop is still at
+    least `size` pixels on each side at that scale, then resized to size x size as usual. What a
+    decode at full size would give, up to the small difference of the two downscalings, at a
+    fraction of its cost (bench/imagenet_pipeline.py). Other images are decoded in full."""
+
+    def __init__(
+        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ):
+        super().__init__()
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def forward(self, image):
+        import torchvision.transforms as T
+        from PIL import Image
+
+        width, height = image.size
+        top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        shrink = min(w, h) / self.size
+        if image.format == "JPEG" and shrink >= 2:
+            reduce = min(8, 2 ** int(math.log2(shrink)))
+            image.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
+        image = image.convert("RGB")
+        sx, sy = image.width / width, image.height / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        return image.resize((self.size, self.size), Image.BILINEAR, box=box)
+
+
 def synthetic_cifar(n_train: int = CIFAR_TRAIN_SIZE, n_test: int = 10_000, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """A generated stand-in for CIFAR-10: each class is a smooth random colour pattern, each image
     that pattern at a random shift, contrast and noise. Learnable in a few hundred steps; for tests
@@ -285,12 +315,24 @@ def random_crop_flip(
     return padded[batch, channel, rows, cols]
 
 
-def cutout(images: torch.Tensor, generator: torch.Generator, length: int) -> torch.Tensor:
+def cutout_draws(n: int, generator: torch.Generator, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of `cutout` for a batch of n: the squares' centre rows and columns."""
+    return torch.randint(0, height, (n,), generator=generator), torch.randint(0, width, (n,), generator=generator)
+
+
+def cutout(
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    length: int,
+    draws: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Zeroes one length x length square per (normalised) image: rows and columns
-    [centre - length/2, centre + length/2), clipped at the borders (the DARTS Cutout)."""
+    [centre - length/2, centre + length/2), clipped at the borders (the DARTS Cutout). `draws`
+    (from `cutout_draws`) replaces the generator."""
     n, _, h, w = images.shape
-    rows_at = torch.randint(0, h, (n,), generator=generator).to(images.device)[:, None, None]
-    cols_at = torch.randint(0, w, (n,), generator=generator).to(images.device)[:, None, None]
+    rows, cols = draws if draws is not None else cutout_draws(n, generator, h, w)
+    rows_at = rows.to(images.device)[:, None, None]
+    cols_at = cols.to(images.device)[:, None, None]
     ys = torch.arange(h, device=images.device)[None, :, None]
     xs = torch.arange(w, device=images.device)[None, None, :]
     half = length // 2
@@ -310,6 +352,7 @@ def batches(
     augment: bool,
     shuffle: bool = True,
     cycle: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (images, labels) batches in a random order; with `cycle` it starts a new
     permutation when one pass ends (for the architecture stream, which follows the weight stream's
@@ -333,6 +376,6 @@ def batches(
             if augment:
                 stop = start + len(index)
                 images = random_crop_flip(images, None, padding, (offsets[:, start:stop], flips[start:stop]))
-            yield normalize(images), data.labels[index]
+            yield normalize(images, dtype), data.labels[index]
         if not cycle:
             return

@@ -13,6 +13,7 @@ As in the reference code, the learning-rate schedule steps at the start of each 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -25,13 +26,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from . import config as cfg
 from .config import ConfigError
 from .data import (
     CIFAR_TRAIN_SIZE,
     batches,
+    crop_flip_draws,
     cutout,
+    cutout_draws,
     downsample,
     imagenet_folder,
     load_cifar10,
@@ -40,6 +44,7 @@ from .data import (
     stream_generator,
     synthetic_cifar,
 )
+from .distributed import Group, broadcast_buffers, sync_batchnorm
 from .environment import environment
 from .genotype import Genotype
 from .network import EvalNetwork, count_macs, count_parameters
@@ -111,8 +116,13 @@ class EvalConfig:
     epochs: int = field(default=600, metadata={"min": 1})
     layers: int = field(default=20, metadata={"min": 3})
     channels: int = field(default=36, metadata={"min": 2})
+    # The global batch: with W data-parallel workers each computes batch_size / W of it (nas/distributed.py).
     batch_size: int = field(default=96, metadata={"min": 1})
     lr: float = field(default=0.025, metadata={"gt": 0.0})
+    # `linear`: lr x batch_size / the protocol's batch (a larger global batch, a larger rate).
+    lr_scaling: Literal["none", "linear"] = "none"
+    # The first epochs' rate rises linearly to the schedule's: epoch e <= warmup_epochs takes e / warmup_epochs of it.
+    warmup_epochs: int = field(default=0, metadata={"min": 0})
     lr_schedule: Literal["cosine", "step"] = "cosine"
     lr_min: float = field(default=0.0, metadata={"min": 0.0})
     lr_gamma: float = field(default=0.97, metadata={"gt": 0.0, "max": 1.0})
@@ -126,6 +136,10 @@ class EvalConfig:
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     image_size: int = field(default=32, metadata={"min": 8})
     seed: int = 0
+    # With data-parallel workers: BatchNorm statistics over the whole global batch (synchronised) or
+    # over each worker's part. Unset: synchronised when a worker's part is smaller than the protocol's
+    # batch, so that statistics always span at least that many images (docs/science.md D15).
+    sync_bn: bool | None = None
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -173,6 +187,21 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         return cfg.to_dict(self)
 
+    def protocol_batch(self) -> int:
+        return PROTOCOLS[self.dataset].get("batch_size", EvalConfig.batch_size)
+
+    def peak_lr(self) -> float:
+        """The schedule's starting rate: `lr`, scaled with the global batch under `lr_scaling: linear`."""
+        if self.lr_scaling == "linear":
+            return self.lr * self.batch_size / self.protocol_batch()
+        return self.lr
+
+    def synchronised_bn(self, workers: int) -> bool:
+        """Whether BatchNorm is synchronised over `workers` data-parallel workers (see `sync_bn`)."""
+        if workers <= 1:
+            return False
+        return self.sync_bn if self.sync_bn is not None else self.batch_size / workers < self.protocol_batch()
+
     @property
     def num_classes(self) -> int:
         return 1000 if self.dataset == "imagenet" else 10
@@ -202,16 +231,21 @@ def network_for(genotype: Genotype, config: EvalConfig) -> EvalNetwork:
 
 
 def epoch_lr(config: EvalConfig, epoch: int) -> float:
-    """The learning rate of 1-based `epoch` (schedules step at each epoch's start, as in quark0/darts)."""
+    """The learning rate of 1-based `epoch` (schedules step at each epoch's start, as in quark0/darts);
+    during a warm-up, epoch / warmup_epochs of it (docs/science.md §4.3)."""
+    peak = config.peak_lr()
     if config.lr_schedule == "cosine":
-        return cosine_lr(epoch, config.epochs, config.lr, config.lr_min)
-    return config.lr * config.lr_gamma**epoch
+        lr = cosine_lr(epoch, config.epochs, peak, config.lr_min)
+    else:
+        lr = peak * config.lr_gamma**epoch
+    return lr * min(1.0, epoch / config.warmup_epochs) if config.warmup_epochs else lr
 
 
 class _CifarData:
-    """CIFAR-10 as tensors on the device; crop, flip and cutout on whole batches."""
+    """CIFAR-10 as tensors on the device; crop, flip and cutout on whole batches. Every rank draws the
+    permutation and the augmentation of the whole global batch and takes its part (nas/distributed.py)."""
 
-    def __init__(self, config: EvalConfig, device: torch.device):
+    def __init__(self, config: EvalConfig, device: torch.device, group: Group):
         if config.data.synthetic:
             train, test = synthetic_cifar(
                 config.data.subset or CIFAR_TRAIN_SIZE, config.data.test_subset or 10_000, config.seed
@@ -224,30 +258,55 @@ class _CifarData:
         if config.data.test_subset:
             test = test.take(torch.randperm(len(test), generator=g)[: config.data.test_subset])
         self.train = downsample(train, config.image_size).to(device)
-        self.test = downsample(test, config.image_size).to(device)
-        self.config = config
+        self.test = downsample(test.take(torch.arange(len(test))[group.part(len(test))]), config.image_size).to(device)
+        self.config, self.group = config, group
 
-    def train_batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(this rank's images, their labels, the global batch's size) per step."""
         g = stream_generator(self.config.seed, epoch, 0)
         order = torch.randperm(len(self.train), generator=g).to(self.train.images.device)
+        size = self.config.image_size
         for start in range(0, len(order), self.config.batch_size):
             index = order[start : start + self.config.batch_size]
-            images = normalize(random_crop_flip(self.train.images[index], g, self.config.image_size // 8))
+            part = self.group.part(len(index))
+            offsets, flips = crop_flip_draws(len(index), g, size // 8)
+            images = random_crop_flip(self.train.images[index[part]], None, size // 8, (offsets[:, part], flips[part]))
+            images = normalize(images, torch.get_default_dtype())
             if self.config.cutout:
-                images = cutout(images, g, self.config.cutout)
-            yield images, self.train.labels[index]
+                rows, cols = cutout_draws(len(index), g, size, size)
+                images = cutout(images, None, self.config.cutout, (rows[part], cols[part]))
+            yield images, self.train.labels[index[part]], len(index)
 
     def test_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        return batches(self.test, 256, torch.Generator(), augment=False, shuffle=False)
+        """This rank's part of the test set."""
+        return batches(self.test, 256, torch.Generator(), augment=False, shuffle=False, dtype=torch.get_default_dtype())
 
     def train_steps(self) -> int:
         return math.ceil(len(self.train) / self.config.batch_size)
 
 
-class _ImageNetData:
-    """ImageNet through ImageFolder, with the DARTS augmentation, in loader processes."""
+class _GlobalBatches(torch.utils.data.Sampler):
+    """Batches of indices: the global permutation of an epoch cut into global batches, this rank's part
+    of each (all of it with one rank)."""
 
-    def __init__(self, config: EvalConfig, device: torch.device):
+    def __init__(self, count: int, batch_size: int, group: Group, generator: torch.Generator | None):
+        self.count, self.batch_size, self.group, self.generator = count, batch_size, group, generator
+
+    def __iter__(self):
+        order = torch.randperm(self.count, generator=self.generator) if self.generator else torch.arange(self.count)
+        for start in range(0, self.count, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield index[self.group.part(len(index))].tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch_size)
+
+
+class _ImageNetData:
+    """ImageNet through ImageFolder, with the DARTS augmentation, in loader processes (`data.workers`
+    per rank), each rank loading its part of every global batch and of the validation set."""
+
+    def __init__(self, config: EvalConfig, device: torch.device, group: Group):
         import torchvision.transforms as T
 
         root = config.data.root or os.environ.get("NAS_IMAGENET_ROOT") or "data/imagenet"
@@ -269,44 +328,51 @@ class _ImageNetData:
             self.test = torch.utils.data.Subset(
                 self.test, torch.randperm(len(self.test), generator=g)[: config.data.test_subset].tolist()
             )
-        self.config, self.device = config, device
+        self.test = torch.utils.data.Subset(self.test, list(range(len(self.test)))[group.part(len(self.test))])
+        self.config, self.device, self.group = config, device, group
 
-    def _loader(self, dataset, shuffle: bool, epoch: int):
-        g = stream_generator(self.config.seed, epoch, 0)
+    def _loader(self, dataset, sampler):
         return torch.utils.data.DataLoader(
-            dataset, batch_size=self.config.batch_size, shuffle=shuffle, generator=g,
-            num_workers=self.config.data.workers, pin_memory=self.device.type == "cuda",
+            dataset, batch_sampler=sampler, num_workers=self.config.data.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
         )  # fmt: skip
 
     def train_batches(self, epoch: int):
-        for images, labels in self._loader(self.train, True, epoch):
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        g = stream_generator(self.config.seed, epoch, 0)
+        sampler = _GlobalBatches(len(self.train), self.config.batch_size, self.group, g)
+        for step, (images, labels) in enumerate(self._loader(self.train, sampler)):
+            count = min(self.config.batch_size, len(self.train) - step * self.config.batch_size)
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), count
 
     def test_batches(self):
-        for images, labels in self._loader(self.test, False, 0):
+        sampler = _GlobalBatches(len(self.test), self.config.batch_size, Group(), None)
+        for images, labels in self._loader(self.test, sampler):
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train_steps(self) -> int:
         return math.ceil(len(self.train) / self.config.batch_size)
 
 
-def make_eval_data(config: EvalConfig, device: torch.device):
-    return _ImageNetData(config, device) if config.dataset == "imagenet" else _CifarData(config, device)
+def make_eval_data(config: EvalConfig, device: torch.device, group: Group | None = None):
+    group = group or Group.current()
+    return (_ImageNetData if config.dataset == "imagenet" else _CifarData)(config, device, group)
 
 
 @torch.no_grad()
-def test_accuracy(model: EvalNetwork, data) -> tuple[float, float, float]:
-    """Top-1 and top-5 accuracy (%) and mean cross-entropy on the test set."""
+def test_accuracy(model: EvalNetwork, data, group: Group | None = None) -> tuple[float, float, float]:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy on the test set (each rank measures its
+    part; the sums are added over the ranks)."""
     model.eval()
-    top1 = top5 = n = 0
-    loss = 0.0
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, loss, images
     for images, labels in data.test_batches():
         logits, _ = model(images)
-        loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (best[:, 0] == labels).sum().item()
-        top5 += (best == labels[:, None]).any(dim=1).sum().item()
-        n += len(labels)
+        sums += torch.stack([
+            (best[:, 0] == labels).sum(), (best == labels[:, None]).any(dim=1).sum(),
+            F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(len(labels), device=device),
+        ]).to(torch.float64)  # fmt: skip
+    top1, top5, loss, n = (group or Group.current()).sum(sums).tolist()
     return 100.0 * top1 / n, 100.0 * top5 / n, loss / n
 
 
@@ -326,25 +392,32 @@ def run_evaluation(
     resume: bool = True,
 ) -> EvalResult:
     """Trains `genotype`'s evaluation network from scratch and measures its test error; with an
-    output directory, checkpoints every epoch and resumes from it."""
+    output directory, checkpoints every epoch and resumes from it.
+
+    Inside a torch.distributed process group (nas/distributed.py: Ray Train, torchrun) every rank
+    trains a replica on its part of each global batch of `batch_size`; rank 0 alone reads and writes
+    `out_dir` and runs the callbacks, and every rank returns the same result."""
     started = time.perf_counter()
+    group = Group.current()
     device = resolve_device(config.device)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None and resume and (out / RESULT).exists():
-        stored = json.loads((out / RESULT).read_text())
-        if _same_run(stored["config"], config) and len(stored["history"]) == config.epochs:
+    out = Path(out_dir) if out_dir is not None and group.leader else None
+    stored = group.broadcast(_finished(out, config) if resume and out is not None else None)
+    if stored is not None:
+        if group.leader:
             log.info("evaluation in %s is finished; its result is in %s", out, out / RESULT)
-            return EvalResult(
-                config, stored["history"], stored["metrics"], stored["info"], out, stored.get("environment", {})
-            )
+        return EvalResult(
+            config, stored["history"], stored["metrics"], stored["info"], out, stored.get("environment", {})
+        )
 
     torch.manual_seed(config.seed)
     model = network_for(genotype, config)
     params = count_parameters(model)
     macs = count_macs(model, config.image_size)
-    model = model.to(device)
+    synchronised = config.synchronised_bn(group.world)
+    if synchronised:
+        model = sync_batchnorm(model, device)
     memory_format = config.runtime.memory_format(device, "evaluate")
-    model = model.to(memory_format=memory_format)
+    model = model.to(device).to(memory_format=memory_format)
     autocast = config.runtime.autocast_dtype(device, "evaluate")
     info = {
         "params": params,
@@ -352,93 +425,85 @@ def run_evaluation(
         "mobile_setting_ok": config.dataset != "imagenet" or macs <= MOBILE_MACS,
         "genotype": genotype.to_dict(),
         "device": str(device),
+        "world_size": group.world,
+        "global_batch": config.batch_size,
+        "lr_peak": config.peak_lr(),
+        "sync_bn": synchronised,
     }
-    if not info["mobile_setting_ok"]:
+    if not info["mobile_setting_ok"] and group.leader:
         log.warning("%.0fM multiply-adds: above the ImageNet mobile setting's 600M", macs / 1e6)
-    data = data or make_eval_data(config, device)
+    data = data or make_eval_data(config, device, group)
     optimizer = torch.optim.SGD(
-        model.parameters(), config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        model.parameters(), config.peak_lr(), momentum=config.momentum, weight_decay=config.weight_decay
     )
     history: list[dict[str, Any]] = []
     start = 1
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint = out / CHECKPOINT
-        if resume and checkpoint.exists():
-            state = load_checkpoint(checkpoint, device)
-            check_resumable(state["config"], config.to_dict(), RESUME_FREE, checkpoint, "evaluation")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            history, start = list(state["history"]), state["epoch"] + 1
+    state = group.broadcast(_saved_state(out, config) if resume and out is not None else None)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _restore_rng(state, config, group)
+        history, start = list(state["history"]), state["epoch"] + 1
+        if group.leader:
             log.info("resuming %s after epoch %d", out, state["epoch"])
-    log.info(
-        "evaluating: %d cells, C=%d, %.2fM params, %.0fM multiply-adds, %d epochs",
-        config.layers,
-        config.channels,
-        params / 1e6,
-        macs / 1e6,
-        config.epochs,
-    )
+    elif group.rank > 0:  # drop path's draws: each replica its own stream, rank 0 the one-process stream
+        torch.manual_seed(config.seed * 1_000_003 + group.rank)
+    net = model
+    if group.parallel:
+        ids = (
+            [device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda"
+            else None
+        )
+        net = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
+    if group.leader:
+        log.info(
+            "evaluating: %d cells, C=%d, %.2fM params, %.0fM multiply-adds, %d epochs, batch %d%s",
+            config.layers, config.channels, params / 1e6, macs / 1e6, config.epochs, config.batch_size,
+            f" over {group.world} workers ({config.batch_size / group.world:g} each, BatchNorm "
+            f"{'synchronised' if synchronised else 'per worker'})" if group.parallel else "",
+        )  # fmt: skip
 
     for epoch in range(start, config.epochs + 1):
         epoch_started = time.perf_counter()
         lr = epoch_lr(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         model.drop_path_prob = config.drop_path * (epoch - 1) / config.epochs
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        bar = progress_bar(data.train_steps(), f"epoch {epoch}/{config.epochs}", progress)
-        for images, labels in data.train_batches(epoch):
-            images = images.contiguous(memory_format=memory_format)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, autocast, enabled=autocast is not None):
-                logits, aux = model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-                if aux is not None:
-                    loss = loss + config.auxiliary_weight * F.cross_entropy(
-                        aux.float(), labels, label_smoothing=config.label_smoothing
-                    )
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(labels)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        train_loss = (loss_sum / seen).item()
+        train_loss, train_acc = _train_epoch(
+            net, optimizer, data, config, epoch, autocast, memory_format, group, progress
+        )
         if not math.isfinite(train_loss):
             raise RuntimeError(f"epoch {epoch}: the training loss became {train_loss}")
-        top1, top5, test_loss = test_accuracy(model, data)
+        broadcast_buffers(model, group)  # with BatchNorm per replica: rank 0's statistics, tested and saved
+        top1, top5, test_loss = test_accuracy(model, data, group)
         record = {
             "epoch": epoch,
             "lr": lr,
             "drop_path": model.drop_path_prob,
             "train_loss": train_loss,
-            "train_acc": 100.0 * correct.item() / seen,
+            "train_acc": train_acc,
             "test_loss": test_loss,
             "test_top1_error": 100.0 - top1,
             "test_top5_error": 100.0 - top5,
             "seconds": time.perf_counter() - epoch_started,
         }
         history.append(record)
+        rng = group.gather(torch.get_rng_state())
+        if not group.leader:
+            continue
         log.info(
             "epoch %d/%d  train %.2f%%  test error %.2f%% (top-5 %.2f%%)  %.1fs",
             epoch, config.epochs, record["train_acc"], record["test_top1_error"], record["test_top5_error"], record["seconds"],
         )  # fmt: skip
         checkpoint_path = None
         if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
             checkpoint_path = out / CHECKPOINT
             state = {
                 "format": 1, "epoch": epoch, "config": config.to_dict(), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "history": history, "torch_rng": torch.get_rng_state(),
+                "optimizer": optimizer.state_dict(), "history": history, "torch_rng": rng[0],
+                "torch_rng_ranks": rng,
             }  # fmt: skip
             save_atomic(state, checkpoint_path)
         metrics = {k: float(v) for k, v in record.items() if k != "epoch"}
@@ -457,3 +522,87 @@ def run_evaluation(
     if out is not None:
         (out / RESULT).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+# Buffers (BatchNorm statistics) are not sent from rank 0 before every forward pass: they are once an
+# epoch (broadcast_buffers); the keyword changed name in PyTorch 2.12.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _train_epoch(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data,
+    config: EvalConfig,
+    epoch: int,
+    autocast: torch.dtype | None,
+    memory_format: torch.memory_format,
+    group: Group,
+    progress: bool,
+) -> tuple[float, float]:
+    """One epoch of SGD steps on this rank's parts of the global batches: (mean loss, accuracy %)
+    over every rank's images."""
+    net.train()
+    device = next(net.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, correct, images
+    bar = progress_bar(data.train_steps(), f"epoch {epoch}/{config.epochs}", progress and group.leader)
+    for images, labels, count in data.train_batches(epoch):
+        images = images.contiguous(memory_format=memory_format)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, autocast, enabled=autocast is not None):
+            logits, aux = net(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing, reduction="sum")
+            if aux is not None:
+                loss = loss + config.auxiliary_weight * F.cross_entropy(
+                    aux.float(), labels, label_smoothing=config.label_smoothing, reduction="sum"
+                )
+        (loss * group.loss_scale(count)).backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        optimizer.step()
+        correct = (logits.detach().argmax(1) == labels).sum()
+        sums += torch.stack([loss.detach(), correct, torch.tensor(len(labels), device=device)]).to(torch.float64)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    loss_sum, correct, seen = group.sum(sums).tolist()
+    return loss_sum / seen, 100.0 * correct / seen
+
+
+def _finished(out: Path, config: EvalConfig) -> dict[str, Any] | None:
+    """The stored result.json of this evaluation if it is finished (with these settings)."""
+    if not (out / RESULT).exists():
+        return None
+    stored = json.loads((out / RESULT).read_text())
+    if _same_run(stored["config"], config) and len(stored["history"]) == config.epochs:
+        return stored
+    return None
+
+
+def _saved_state(out: Path, config: EvalConfig) -> dict[str, Any] | None:
+    checkpoint = out / CHECKPOINT
+    if not checkpoint.exists():
+        return None
+    state = load_checkpoint(checkpoint, torch.device("cpu"))
+    check_resumable(state["config"], config.to_dict(), RESUME_FREE, checkpoint, "evaluation")
+    return state
+
+
+def _restore_rng(state: Mapping[str, Any], config: EvalConfig, group: Group) -> None:
+    """Each rank's random stream (drop path) where the checkpoint has one per rank of this group;
+    a checkpoint of another number of ranks continues rank 0's and starts the others' afresh."""
+    ranks = state.get("torch_rng_ranks") or [state["torch_rng"]]
+    if len(ranks) == group.world:
+        torch.set_rng_state(ranks[group.rank])
+    elif group.leader:
+        torch.set_rng_state(ranks[0])
+        log.info(
+            "checkpoint of %d workers resumed on %d: drop path draws afresh on the others", len(ranks), group.world
+        )
+    else:
+        torch.manual_seed(config.seed * 1_000_003 + group.rank * 1_009 + int(state["epoch"]))

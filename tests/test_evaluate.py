@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from conftest import real_data_root
 
 from nas.data import DataNotFoundError, cutout
-from nas.evaluate import EvalConfig, run_evaluation
+from nas.evaluate import EvalConfig, epoch_lr, run_evaluation
 from nas.genotype import PUBLISHED, CellGenotype, Genotype
 from nas.network import EvalCell, EvalNetwork, cell_levels, network_info
 
@@ -233,3 +234,25 @@ def test_imagenet_through_imagefolder(tmp_path):
     missing = EvalConfig.resolve("imagenet", overrides=["device=cpu"], data_root=str(tmp_path / "nowhere"))
     with pytest.raises(DataNotFoundError, match="nowhere/train"):
         run_evaluation(PUBLISHED["darts_v2"], missing)
+
+
+def test_learning_rate_scaled_with_the_global_batch_and_warmed_up():
+    config = EvalConfig.resolve("imagenet", {"batch_size": 1024, "lr_scaling": "linear", "warmup_epochs": 5})
+    assert config.peak_lr() == pytest.approx(0.1 * 1024 / 128)  # the protocol's batch is 128
+    assert epoch_lr(config, 1) == pytest.approx(0.8 * 0.97 * 1 / 5)  # 1/5 of the schedule's rate
+    assert epoch_lr(config, 4) == pytest.approx(0.8 * 0.97**4 * 4 / 5)
+    assert epoch_lr(config, 5) == pytest.approx(0.8 * 0.97**5) and epoch_lr(config, 6) == pytest.approx(0.8 * 0.97**6)
+    protocol = EvalConfig.resolve("cifar10")  # no scaling, no warm-up: the reference's cosine
+    assert protocol.peak_lr() == 0.025 and epoch_lr(protocol, 300) == pytest.approx(
+        0.025 * 0.5 * (1 + math.cos(math.pi * 300 / 600))
+    )
+    assert EvalConfig.resolve("cifar10", {"batch_size": 768}).peak_lr() == 0.025  # scaling only when asked
+
+
+def test_batchnorm_synchronised_when_a_workers_part_is_below_the_protocols_batch():
+    protocol = EvalConfig.resolve("cifar10")  # the global batch 96
+    assert not protocol.synchronised_bn(1) and protocol.synchronised_bn(8)  # 12 images each
+    assert not EvalConfig.resolve("cifar10", {"batch_size": 768}).synchronised_bn(8)  # 96 each
+    assert EvalConfig.resolve("cifar10", {"batch_size": 768, "sync_bn": True}).synchronised_bn(8)
+    assert not EvalConfig.resolve("cifar10", {"sync_bn": False}).synchronised_bn(8)
+    assert EvalConfig.resolve("imagenet", {"batch_size": 512}).synchronised_bn(8)  # 64 < 128

@@ -26,13 +26,15 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import descendants, processes_named, tiny_search_config, tiny_sweep_config
+from conftest import descendants, processes_named, real_data_root, tiny_search_config, tiny_sweep_config
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from test_faults import free_port, start_server, stop_server
 from test_sweeps import LOOPBACK, _listening_addresses
 
+from nas.evaluate import EvalConfig, run_evaluation
+from nas.genotype import PUBLISHED
 from nas.search import run_search
 from tuning.config import SweepConfig
 from tuning.presentation import mlflow_name, significant
@@ -437,3 +439,113 @@ def test_shared_directory_storage_survives_a_lost_node_and_a_lost_driver(cluster
     assert sorted(t.params["preset"] for t in study.trials if t.state.name == "COMPLETE") == ["da2s", "darts"]
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     assert not (cluster.disk / "head" / "runs" / "optuna").joinpath("nfs").exists()  # the study stays on the share
+
+
+# ---------------------------------------------------------------- data-parallel evaluations
+
+EVALUATE = [sys.executable, str(ROOT / "sweeps" / "evaluate.py")]
+# A short protocol: 3 epochs of 6 global batches of 32 (16 per worker: BatchNorm synchronised).
+SHORT = {"epochs": 3, "layers": 5, "channels": 8, "batch_size": 32, "data.subset": 192, "data.test_subset": 64,
+         "device": "cpu", "data.synthetic": real_data_root() is None, "data.download": False}  # fmt: skip
+
+
+def evaluation_driver(cluster: LocalCluster, *arguments: str, settings: dict | None = None) -> subprocess.Popen:
+    """`sweeps/evaluate.py` on the head, tracked by the cluster's MLflow server."""
+    cwd = cluster.disk / "head"
+    cwd.mkdir(exist_ok=True)
+    sets = [f"--set={k}={v}" for k, v in (settings or {}).items()]
+    return subprocess.Popen(
+        [*EVALUATE, *arguments, *sets, "--address", cluster.address, "--tracking-uri", cluster.tracking_uri],
+        cwd=cwd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def evaluation_run(cluster: LocalCluster, name: str):
+    (run,) = [r for r in runs(cluster, "evaluations", "evaluation") if r.data.tags["eval_id"] == name]
+    return run
+
+
+def _straight(out: str, settings: dict) -> None:
+    config = EvalConfig.resolve("cifar10", overrides=[f"{k}={v}" for k, v in settings.items()])
+    run_evaluation(PUBLISHED["darts_v2"], config, out)
+
+
+def test_data_parallel_evaluation_continues_after_a_lost_node(cluster, tmp_path):
+    """Two gloo workers on two nodes; the node of one of them is lost once the first epoch's
+    checkpoint is in S3: Ray Train restarts the group (on a new node) from that checkpoint."""
+    cluster.ensure_workers(2)
+    first = evaluation_driver(
+        cluster, "darts_v2", "--workers", "2", "--storage", f"s3://{BUCKET}/evals", "--name", "lost", settings=SHORT
+    )
+    try:
+        key = "evals/evaluations/lost/checkpoint.pt"
+        wait_for("the first epoch's checkpoint", lambda: key in s3_keys(cluster, "evals/"), first)
+        node = cluster.node_running("ray::RayTrainWorker")
+        assert node is not None and node.startswith("worker")
+        cluster.kill(node)
+        replacement = cluster.add_worker()
+        output, _ = first.communicate(timeout=400)
+        cluster.wait_started(replacement)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, output
+    assert "lost: FINISHED" in output
+
+    run = evaluation_run(cluster, "lost")
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+    assert run.data.params["world_size"] == "2" and run.data.params["global_batch"] == "32"
+    assert run.data.params["sync_bn_effective"] == "True" and run.data.params["threads"] == "1"
+    assert steps(cluster, run, "test_top1_error") == [1, 2, 3]  # every epoch logged once
+    assert steps(cluster, run, "train_loss") == [1, 2, 3]
+    assert {"evals/evaluations/lost/checkpoint.pt", "evals/evaluations/lost/result.json"} <= set(
+        s3_keys(cluster, "evals/evaluations/lost/")
+    )
+
+    # The same training never interrupted: two gloo processes on this machine, one thread each.
+    from test_distributed import in_processes
+
+    reference = tmp_path / "straight"
+    reference.mkdir()
+    in_processes(2, tmp_path, _straight, str(reference), SHORT)
+    cluster.s3.download_file(BUCKET, "evals/evaluations/lost/checkpoint.pt", str(tmp_path / "resumed.pt"))
+    resumed = torch.load(tmp_path / "resumed.pt")["model"]
+    straight = torch.load(reference / "checkpoint.pt")["model"]
+    worst = max((resumed[k].float() - straight[k].float()).abs().max().item() for k in straight)
+    assert worst <= 1e-6, worst  # the same computation, restored exactly (measured: 0)
+    assert run.data.metrics["test_top1_error"] == pytest.approx(
+        torch.load(reference / "checkpoint.pt")["history"][-1]["test_top1_error"], abs=1e-6
+    )
+
+
+def test_data_parallel_evaluation_on_an_imagenet_folder(cluster):
+    """ImageNet's layout (train/ and val/, a folder per class), JPEG files decoded by each worker's
+    loader, on a directory every node sees; the checkpoint on the shared storage."""
+    from PIL import Image
+
+    cluster.ensure_workers(2)
+    root = cluster.root / "imagenet"  # outside the nodes' private disks: every node sees it
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for label in range(3):
+            folder = root / split / f"n0{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG")
+    storage = cluster.root / "shared" / "evals"
+    settings = {"epochs": 2, "layers": 5, "channels": 8, "batch_size": 6, "image_size": 32, "auxiliary": False,
+                "data.workers": 0, "data.root": str(root), "device": "cpu"}  # fmt: skip
+    done = evaluation_driver(
+        cluster, "darts_v2", "--dataset", "imagenet", "--workers", "2", "--storage", str(storage),
+        "--name", "folder", settings=settings,
+    )  # fmt: skip
+    output, _ = done.communicate(timeout=400)
+    assert done.returncode == 0, output
+    run = evaluation_run(cluster, "folder")
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    assert run.data.params["dataset"] == "imagenet" and steps(cluster, run, "test_top1_error") == [1, 2]
+    assert (storage / "evaluations" / "folder" / "checkpoint.pt").exists()
+    stored = json.loads((storage / "evaluations" / "folder" / "result.json").read_text())
+    assert stored["info"]["world_size"] == 2 and len(stored["history"]) == 2
+    assert stored["history"][0]["lr"] == pytest.approx(0.1 * 0.97)  # ImageNet's protocol, epoch 1

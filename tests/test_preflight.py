@@ -26,7 +26,8 @@ from mlflow.tracking import MlflowClient
 
 from nas.config import ConfigError
 from tuning.accelerators import AcceleratorError, claim_accelerators
-from tuning.preflight import NodeType, check_request, node_types_from_yaml
+from tuning.config import EvalResourcesConfig
+from tuning.preflight import NodeType, check_request, check_workers, node_types_from_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "sweeps" / "run.py")]
@@ -57,6 +58,24 @@ def test_a_request_the_autoscaler_can_grant_waits_and_an_impossible_one_is_refus
     with pytest.raises(ConfigError) as err:  # no autoscaler known: only the live nodes count
         check_request("resources", 4, 0.5, [HEAD], None)
     assert err.value.field == "resources.gpu" and "--cluster-config" in str(err.value)
+
+
+def test_data_parallel_workers_must_fit_the_cluster_at_once():
+    workers = lambda n, cpu=8, gpu=1: EvalResourcesConfig(cpu=cpu, gpu=gpu, workers=n)  # noqa: E731
+    two_gpu_nodes = [HEAD, NodeType("a", {"CPU": 16.0, "GPU": 1.0}), NodeType("b", {"CPU": 16.0, "GPU": 2.0})]
+    assert check_workers("evaluate.resources", workers(3), two_gpu_nodes, None) == []  # 1 + 2 GPUs
+    with pytest.raises(ConfigError) as err:  # no autoscaler: what is there is all there will be
+        check_workers("evaluate.resources", workers(4), two_gpu_nodes, None)
+    assert err.value.field == "evaluate.resources.workers" and "at most 3 workers of {CPU: 8, GPU: 1}" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # CPUs bound it: 16 + 16 CPUs hold 2 workers of 12
+        check_workers("evaluate.resources", workers(3, cpu=12), two_gpu_nodes, None)
+    assert "at most 2 workers" in str(err.value)
+    # With an autoscaler that may add 4 one-GPU nodes: 8 workers wait for it; 8 of 2 nodes' worth cannot.
+    lines = check_workers("evaluate.resources", workers(7), two_gpu_nodes, [WORKER])
+    assert lines and "the cluster holds 3 now" in lines[0]
+    with pytest.raises(ConfigError):
+        check_workers("evaluate.resources", workers(8), two_gpu_nodes, [WORKER])
+    assert check_workers("evaluate.resources", workers(64), [HEAD], [NodeType("gpu", {"CPU": 8.0, "GPU": 1.0})])
 
 
 def test_node_types_come_from_the_launcher_config_without_the_head():

@@ -182,6 +182,16 @@ def test_bad_fold_names_the_field(space, sampler, field, fragment):
         ({"name": "a/b"}, "name", "no slashes"),
         ({"method_label": "{alpha_shared}"}, "method_label", "names no SearchConfig field"),
         ({"space": {}}, "space", "needs at least one parameter"),
+        ({"evaluate": {"resources": {"workers": 0}}}, "evaluate.resources.workers", "must be >= 1"),
+        ({"evaluate": {"resources": {"workers": 4, "gpu": 0.5}}}, "evaluate.resources.gpu", "one GPU"),
+        ({"evaluate": {"resources": {"workers": 4, "gpu": 2}}}, "evaluate.resources.gpu", "more workers"),
+        (
+            {"evaluate": {"resources": {"workers": 4}, "settings": {"batch_size": 3}}},
+            "evaluate.settings.batch_size",
+            "shared by the 4 data-parallel workers",
+        ),
+        ({"evaluate": {"settings": {"lr_scaling": "sqrt"}}}, "evaluate.settings.lr_scaling", "'none', 'linear'"),
+        ({"evaluate": {"settings": {"warmup_epochs": -1}}}, "evaluate.settings.warmup_epochs", "must be >= 0"),
     ],
 )
 def test_bad_sweep_names_the_field(changes, field, fragment):

@@ -150,6 +150,24 @@ class ResourcesConfig:
 
 
 @dataclass
+class EvalResourcesConfig(ResourcesConfig):
+    """Per evaluation worker; `workers` > 1 trains data-parallel (Ray Train, DistributedDataParallel:
+    NCCL on GPUs, gloo on CPUs), one GPU per worker where GPUs are asked for."""
+
+    workers: int = field(default=1, metadata={"min": 1})
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if self.workers > 1 and self.gpu and self.gpu != 1:
+            raise ConfigError(
+                f"{path}.gpu",
+                self.gpu,
+                f"a data-parallel worker drives one GPU: use gpu: 1 (or 0) with {self.workers} workers, "
+                "and more workers for more GPUs",
+            )
+
+
+@dataclass
 class EvaluateConfig:
     """The evaluation stage: after the search trials, train the derived architectures from scratch."""
 
@@ -157,7 +175,7 @@ class EvaluateConfig:
     by: str | None = None  # the metric ranking the trials (default: the first objective)
     mode: Literal["max", "min"] | None = None
     datasets: tuple[Literal["cifar10", "imagenet"], ...] = ("cifar10",)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    resources: EvalResourcesConfig = field(default_factory=EvalResourcesConfig)
     settings: dict[str, Any] = field(default_factory=dict)  # nas.evaluate.EvalConfig fields
 
     def validate(self, path: str) -> None:
@@ -169,9 +187,16 @@ class EvaluateConfig:
             raise ConfigError(f"{path}.datasets", [], "name at least one of cifar10, imagenet")
         for dataset in self.datasets:
             try:
-                EvalConfig.resolve(dataset, self.settings)
+                config = EvalConfig.resolve(dataset, self.settings)
             except ConfigError as err:
                 raise ConfigError(f"{path}.settings.{err.field}", err.value, err.allowed) from None
+            if config.batch_size < self.resources.workers:
+                raise ConfigError(
+                    f"{path}.settings.batch_size",
+                    config.batch_size,
+                    f"the global batch is shared by the {self.resources.workers} data-parallel workers: "
+                    "at least one image each",
+                )
 
 
 @dataclass

@@ -1,17 +1,27 @@
 """The sweep's evaluation stage: after the search trials, the derived architectures of all of them
-(or of the best k) are trained from scratch, one Ray task per trial and dataset, each tracked as an
-MLflow child run of its trial's run (lineage: sweep -> trial -> evaluation).
+(or of the best k) are trained from scratch, each tracked as an MLflow child run of its trial's run
+(lineage: sweep -> trial -> evaluation).
+
+An evaluation runs as one Ray task (`evaluate.resources.workers: 1`), or data-parallel on W workers
+of Ray Train's TorchTrainer (DistributedDataParallel, nas/distributed.py), started from a Ray task
+of its own that holds no resources. Worker 0 alone opens the MLflow run and logs, reads and writes
+the checkpoint; the other workers only train.
 
 An evaluation writes a checkpoint every epoch to the sweep's storage (directly on a filesystem;
-uploaded after every epoch to an object store), so an evaluation retried on another node, or
-resumed with the sweep, continues from its last epoch; one already finished is not run again.
+uploaded after every epoch to an object store) before the epoch's metrics go to MLflow. A retried
+task, a worker group restarted by Ray Train after a lost worker or node, or an evaluation resumed
+with the sweep continues from its last epoch; an epoch whose checkpoint was saved but whose metrics
+never reached MLflow has them sent from the checkpoint's history. One already finished is not run
+again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,17 +29,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas.evaluate import CHECKPOINT, RESULT, EvalConfig, run_evaluation
+import torch
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+from nas.distributed import Group
+from nas.evaluate import CHECKPOINT, RESULT, RESUME_FREE, EvalConfig, run_evaluation
 from nas.genotype import Genotype
-from nas.runtime import EpochEvent
+from nas.runtime import EpochEvent, load_checkpoint
 
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
-from .config import SweepConfig
+from .config import EvalResourcesConfig, SweepConfig
 from .storage import Storage
 from .threads import place_threads
-from .tracking import PENDING_FILE, TrackedRun, environment_tags, params_of
+from .tracking import PENDING_FILE, TrackedRun, client_for, environment_tags, find_run, params_of
 
 log = logging.getLogger(__name__)
+# The metric whose MLflow history says which epochs reached the store.
+EPOCH_MARKER = "test_top1_error"
 
 
 @dataclass
@@ -41,6 +58,10 @@ class EvaluationJob:
     genotype: dict[str, Any]
     settings: dict[str, Any]
     store: Storage  # the evaluation's directory on the sweep's storage
+    tracking_uri: str
+    experiment_id: str
+    sweep: str
+    resources: EvalResourcesConfig
 
 
 @dataclass
@@ -89,64 +110,75 @@ def _save_pending(run: TrackedRun, store: Storage, out_dir: Path) -> int:
     return count
 
 
-def evaluate_one(
-    job: EvaluationJob, tracking_uri: str, experiment_id: str, sweep_name: str, gpus: float = 0.0, cpus: float = 1.0
-) -> EvaluationSummary:
-    """Runs inside a Ray task that reserved `cpus` CPUs and `gpus` GPUs: one evaluation, logged to
-    its MLflow run."""
-    with _working_dir(job.store) as out_dir:
-        return _evaluate(job, tracking_uri, experiment_id, sweep_name, gpus, cpus, out_dir)
+def _send_missing_epochs(run: TrackedRun, out_dir: Path) -> None:
+    """Epochs whose checkpoint was saved but whose metrics never reached MLflow (the process died in
+    between, or its queue was lost with it): sent from the checkpoint's history, each once."""
+    checkpoint = out_dir / CHECKPOINT
+    if not checkpoint.exists():
+        return
+    history = load_checkpoint(checkpoint)["history"]
+    logged = {m.step for m in run.client.get_metric_history(run.run_id, EPOCH_MARKER)}
+    for record in history:
+        if record["epoch"] not in logged:
+            run.log_epoch({k: float(v) for k, v in record.items() if k != "epoch"}, record["epoch"])
 
 
-def _evaluate(
-    job: EvaluationJob,
-    tracking_uri: str,
-    experiment_id: str,
-    sweep_name: str,
-    gpus: float,
-    cpus: float,
-    out_dir: Path,
-) -> EvaluationSummary:
-    import json
-
+def _evaluate(job: EvaluationJob, out_dir: Path | None) -> EvaluationSummary:
+    """One evaluation on this process: the whole of it, or this worker's share of a data-parallel
+    one (worker 0 with `out_dir`, the others with None). Every worker returns the same summary."""
+    group = Group.current()
     config = EvalConfig.resolve(job.dataset, job.settings)
-    try:
-        claim_accelerators(gpus, config.device)  # before anything initialises CUDA
-    except AcceleratorError as err:
-        return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FAILED", {}, f"AcceleratorError: {err}")
-    threads = place_threads(cpus)  # the task's share of the node's cores, as a search trial's
-    run = TrackedRun(tracking_uri, experiment_id, job.trial_run_id, "eval_id", job.eval_id)
-    extras = {
-        "trial_id": job.trial_id,
-        "threads": threads,
-        **effective_precision(config.device, config.runtime, "evaluate"),
-    }
-    params = params_of(config.to_dict(), extras)
-    run.open(
-        f"eval-{job.dataset}-{job.trial_id}",
-        params,
-        {"kind": "evaluation", "sweep": sweep_name, "dataset": job.dataset, **environment_tags()},
+    summary = lambda status, metrics, error=None: EvaluationSummary(  # noqa: E731
+        job.eval_id, job.trial_id, job.dataset, status, metrics, error
     )
-    if run.status == "FINISHED":
-        metrics = dict(run.client.get_run(run.run_id).data.metrics)
-        return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FINISHED", metrics)
+    try:
+        claim_accelerators(job.resources.gpu, config.device)  # before anything initialises CUDA
+    except AcceleratorError as err:  # the same on every worker: each returns it
+        return summary("FAILED", {}, f"AcceleratorError: {err}")
+    threads = place_threads(job.resources.cpu)  # the worker's share of the node's cores
+    run = None
+    finished = None
+    if group.leader:
+        run = TrackedRun(job.tracking_uri, job.experiment_id, job.trial_run_id, "eval_id", job.eval_id)
+        extras = {
+            "trial_id": job.trial_id,
+            "threads": threads,
+            "world_size": group.world,
+            "global_batch": config.batch_size,
+            "batch_per_worker": round(config.batch_size / group.world, 3),
+            "lr_effective": config.peak_lr(),
+            "sync_bn_effective": config.synchronised_bn(group.world),
+            **effective_precision(config.device, config.runtime, "evaluate"),
+        }
+        tags = {"kind": "evaluation", "sweep": job.sweep, "dataset": job.dataset, **environment_tags()}
+        run.open(f"eval-{job.dataset}-{job.trial_id}", params_of(config.to_dict(), extras), tags)
+        if run.status == "FINISHED":
+            finished = dict(run.client.get_run(run.run_id).data.metrics)
+        else:
+            _send_missing_epochs(run, out_dir)
+    finished = group.broadcast(finished)
+    if finished is not None:
+        return summary("FINISHED", finished)
 
     last: dict[str, float] = {}
 
-    def on_epoch(event: EpochEvent) -> None:
+    def on_epoch(event: EpochEvent) -> None:  # worker 0: the checkpoint is durable before the metrics go
+        if job.store.local_path is None and event.checkpoint_path is not None:
+            (job.store / CHECKPOINT).upload(event.checkpoint_path)
         run.log_epoch(event.metrics, event.epoch)
         last.clear()
         last.update(event.metrics)
-        if job.store.local_path is None and event.checkpoint_path is not None:
-            (job.store / CHECKPOINT).upload(event.checkpoint_path)
 
     try:
         result = run_evaluation(Genotype.from_dict(job.genotype), config, out_dir, callbacks=[on_epoch])
     except Exception as err:
-        run.set_tags({"failure": f"{type(err).__name__}: {err}"})
-        if not run.finish("FAILED"):
-            _save_pending(run, job.store, out_dir)
-        return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FAILED", {}, f"{type(err).__name__}: {err}")
+        if run is not None:
+            run.set_tags({"failure": f"{type(err).__name__}: {err}"})
+            if not run.finish("FAILED"):
+                _save_pending(run, job.store, out_dir)
+        return summary("FAILED", {}, f"{type(err).__name__}: {err}")
+    if run is None:
+        return summary("FINISHED", result.metrics)
     # The last epoch already logged its test errors at this step, with these values.
     run.log_final({k: v for k, v in result.metrics.items() if last.get(k) != v}, config.epochs)
     run.set_tags({"mobile_setting_ok": str(result.info["mobile_setting_ok"]).lower()})
@@ -156,21 +188,81 @@ def _evaluate(
     run.log_text(json.dumps(job.genotype, indent=2), "genotype.json")
     if not run.finish("FINISHED"):
         count = _save_pending(run, job.store, out_dir)
-        return EvaluationSummary(
-            job.eval_id, job.trial_id, job.dataset, "FINISHED", result.metrics, f"{count} MLflow calls pending"
-        )
-    return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FINISHED", result.metrics)
+        return summary("FINISHED", result.metrics, f"{count} MLflow calls pending")
+    return summary("FINISHED", result.metrics)
+
+
+def evaluate_one(job: EvaluationJob) -> EvaluationSummary:
+    """Inside a Ray task that reserved the job's CPUs and GPUs: one evaluation in this process."""
+    with _working_dir(job.store) as out_dir:
+        return _evaluate(job, out_dir)
+
+
+def _train_worker(loop: dict[str, Any]) -> EvaluationSummary:
+    """One worker of a data-parallel evaluation, inside Ray Train (the process group is set up)."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # `cuda` is this worker's GPU, for the model and the collectives
+    job: EvaluationJob = loop["job"]
+    if not Group.current().leader:
+        return _evaluate(job, None)
+    with _working_dir(job.store) as out_dir:
+        return _evaluate(job, out_dir)
+
+
+def evaluate_distributed(job: EvaluationJob, max_failures: int) -> EvaluationSummary:
+    """Inside a Ray task that holds no resources: the job on `job.resources.workers` workers of a
+    TorchTrainer; a lost worker or node restarts the group (`max_failures` times) from the last
+    checkpoint, as soon as the cluster again has room for every worker."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    # Workers run in this task's working directory, as a one-process evaluation does (relative data
+    # paths mean the same); read when the trainer is built.
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    resources = job.resources
+    path, filesystem = job.store.ray_storage()
+    trainer = _Trainer(
+        _train_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if resources.gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=resources.gpu > 0,
+            resources_per_worker={"CPU": resources.cpu, **({"GPU": resources.gpu} if resources.gpu else {})},
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    try:
+        return trainer.fit().return_value
+    except Exception as err:  # the group failed more often than it may be restarted
+        text = str(err).strip().splitlines()
+        return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FAILED", {}, text[-1] if text else repr(err))
+
+
+class _Trainer(TorchTrainer):
+    """Ray Train's TorchTrainer without its placement-group cleaner: that helper asks the state API,
+    which needs Ray's dashboard, whether the trainer's controller lives; a cluster started without
+    the dashboard (a sweep's own local Ray) answers "unknown" every second, or "dead" when another Ray
+    instance on the machine has one. The worker group's placement group belongs to the controller
+    and goes with it anyway."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
 def run_evaluation_stage(
     sweep: SweepConfig, trials: list, experiment_dir: Storage, tracking_uri: str, experiment_id: str
 ) -> list[EvaluationSummary]:
-    import json
-
-    import ray
-
     stage = sweep.evaluate
-    chosen = select_trials(sweep, trials)
     jobs = [
         EvaluationJob(
             eval_id=f"{t.trial_id}-{dataset}",
@@ -180,23 +272,64 @@ def run_evaluation_stage(
             genotype=json.loads(t.metrics["genotype"]),
             settings=stage.settings,
             store=experiment_dir / "evaluations" / f"{t.trial_id}-{dataset}",
+            tracking_uri=tracking_uri,
+            experiment_id=experiment_id,
+            sweep=sweep.name,
+            resources=stage.resources,
         )
-        for t in chosen
+        for t in select_trials(sweep, trials)
         for dataset in stage.datasets
     ]
     if not jobs:
         return []
-    log.info("evaluation stage: %d evaluations (%s)", len(jobs), ", ".join(j.eval_id for j in jobs))
-    task = ray.remote(num_cpus=stage.resources.cpu, num_gpus=stage.resources.gpu, max_retries=sweep.max_failures)(
-        evaluate_one
-    )
-    gpus, cpus = stage.resources.gpu, stage.resources.cpu
-    pending = {task.remote(job, tracking_uri, experiment_id, sweep.name, gpus, cpus): job for job in jobs}
-    summaries = []
+    log.info(
+        "evaluation stage: %d evaluations (%s)%s", len(jobs), ", ".join(j.eval_id for j in jobs),
+        f", each on {stage.resources.workers} data-parallel workers" if stage.resources.workers > 1 else "",
+    )  # fmt: skip
+    return run_jobs(jobs, sweep.max_failures)
+
+
+def existing_run(job: EvaluationJob):
+    """The job's MLflow run from an earlier start, if any."""
+    return find_run(client_for(job.tracking_uri), job.experiment_id, {"eval_id": job.eval_id})
+
+
+def changed_settings_of(job: EvaluationJob, run) -> list[str]:
+    """The protocol settings in which `run` (an earlier start of the job) differs from the job."""
+    config = EvalConfig.resolve(job.dataset, job.settings)
+    logged = params_of(config.to_dict())
+    return sorted(k for k, v in logged.items() if k not in RESUME_FREE and run.data.params.get(k, v) != v)
+
+
+def run_jobs(jobs: list[EvaluationJob], max_failures: int) -> list[EvaluationSummary]:
+    """Every job on the Ray cluster this driver is connected to, as many at once as it holds; a task
+    (or worker group) whose process dies is retried `max_failures` times. A job whose run finished
+    before (a resumed sweep) is not started again."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    pending, summaries = {}, []
+    for job in jobs:
+        earlier = existing_run(job)
+        if earlier is not None and earlier.info.status == "FINISHED":
+            summaries.append(
+                EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FINISHED", dict(earlier.data.metrics))
+            )
+            continue
+        resources = job.resources
+        if resources.workers > 1:
+            # The launching task holds nothing and stays on the driver's node where it can: the
+            # workers are the trainer's.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            task = ray.remote(num_cpus=0, max_retries=max_failures, scheduling_strategy=here)(evaluate_distributed)
+            pending[task.remote(job, max_failures)] = job
+        else:
+            task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu, max_retries=max_failures)(evaluate_one)
+            pending[task.remote(job)] = job
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=60)
         if not ready:
-            log.info("evaluation stage: %d evaluations running or waiting for a node", len(pending))
+            log.info("evaluations: %d running or waiting for a node", len(pending))
             continue
         job = pending.pop(ready[0])
         try:

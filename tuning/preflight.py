@@ -213,22 +213,62 @@ def check_request(
     raise ConfigError(field, value, reason)
 
 
-def check_cluster_resources(sweep, cluster_config: str | os.PathLike | None = None, local: bool = False) -> list[str]:
-    """Pre-flight for a sweep on the Ray it is connected to; returns lines for the progress log."""
+def sweep_requests(sweep) -> list[tuple[str, Any]]:
+    """(field, resources) of what a sweep asks for: each trial, and each evaluation worker."""
+    requests = [("resources", sweep.resources)]
+    if sweep.evaluate is not None:
+        requests.append(("evaluate.resources", sweep.evaluate.resources))
+    return requests
+
+
+def check_cluster_resources(
+    requests: list[tuple[str, Any]], cluster_config: str | os.PathLike | None = None, local: bool = False
+) -> list[str]:
+    """Pre-flight of `requests` (field, resources) on the Ray this driver is connected to: refused
+    where no node, present or addable, can grant one; returns lines for the progress log."""
     nodes = live_nodes()
     scalable = None if local else autoscaler_node_types(cluster_config)
-    requests = [("resources", sweep.resources.cpu, sweep.resources.gpu)]
-    if sweep.evaluate is not None:
-        requests.append(("evaluate.resources", sweep.evaluate.resources.cpu, sweep.evaluate.resources.gpu))
     lines = []
-    for prefix, cpu, gpu in requests:
+    for prefix, resources in requests:
+        cpu, gpu = resources.cpu, resources.gpu
         verdict = check_request(prefix, cpu, gpu, nodes, scalable)
         if not verdict.live:
             lines.append(
                 f"{prefix} (cpu: {cpu:g}, gpu: {gpu:g}): no node offers them yet; the trials wait for the "
                 f"autoscaler to add a node of type {' or '.join(verdict.node_types)}"
             )
+        if getattr(resources, "workers", 1) > 1:
+            lines += check_workers(prefix, resources, nodes, scalable)
     return lines
+
+
+def check_workers(prefix: str, resources, nodes: list[NodeType], scalable: list[NodeType] | None) -> list[str]:
+    """A data-parallel evaluation starts once every worker has its place: refused when the cluster
+    can never hold `workers` of them at once (its nodes now, and those its autoscaler may add)."""
+    request = {"CPU": resources.cpu, "GPU": resources.gpu}
+
+    def holds(offer: dict[str, float]) -> int:
+        counts = [int(offer.get(k, 0.0) / v + 1e-9) for k, v in request.items() if v > 0]
+        return min(counts) if counts else 0
+
+    live = sum(holds(n.resources) for n in nodes)
+    if live >= resources.workers:
+        return []
+    addable = [t for t in scalable or [] if holds(t.resources) > 0 and (t.max_workers is None or t.max_workers > 0)]
+    unbounded = any(t.max_workers is None for t in addable)
+    reachable = live + sum(holds(t.resources) * (t.max_workers or 0) for t in addable)
+    if unbounded or reachable >= resources.workers:
+        return [
+            f"{prefix}.workers ({resources.workers} of {_describe(request)}): the cluster holds "
+            f"{live} now; the evaluations wait for the autoscaler to add nodes"
+        ]
+    present = ", ".join(_describe(n.resources) for n in nodes) or "none"
+    raise ConfigError(
+        f"{prefix}.workers",
+        resources.workers,
+        f"the cluster can hold at most {reachable} workers of "
+        f"{_describe(request)} at once (its nodes: {present}); ask for fewer workers, or fewer CPUs or GPUs each",
+    )
 
 
 def check_devices(sweep) -> None:
@@ -260,7 +300,7 @@ def check_before_ray(sweep, base: Path, storage: Storage, experiment_dir: Storag
         check_writable(storage.local_path, "storage")
     check_devices(sweep)
     if local:
-        check_gpus_here(sweep)
+        check_gpus_here(sweep_requests(sweep))
     check_data(search)
     store = sqlite_path(sweep.mlflow.tracking_uri, base)
     if store is not None:
@@ -271,7 +311,7 @@ def check_on_ray(sweep, storage: Storage, cluster_config: str | None, address: s
     """Once Ray runs: resources that no node, present or addable by the autoscaler, offers stop the
     sweep; and every node must see the storage (checkpoints written on one node are restored on
     another)."""
-    for line in check_cluster_resources(sweep, cluster_config, local=address is None):
+    for line in check_cluster_resources(sweep_requests(sweep), cluster_config, local=address is None):
         log.info("%s", line)
     types = autoscaler_node_types(cluster_config) if address is not None else None
     can_grow = any(t.max_workers is None or t.max_workers > 0 for t in types or [])
@@ -319,19 +359,18 @@ def sqlite_path(uri: str, base: Path) -> Path | None:
     return None if "://" in uri else base / uri
 
 
-def check_gpus_here(sweep) -> None:
+def check_gpus_here(requests: list[tuple[str, Any]]) -> None:
     """On a local run, GPUs the machine does not have stop the sweep before Ray starts."""
     import torch
 
     gpus = torch.cuda.device_count()
-    for name, asked in (
-        ("resources.gpu", sweep.resources.gpu),
-        ("evaluate.resources.gpu", sweep.evaluate.resources.gpu if sweep.evaluate else 0),
-    ):
+    for prefix, resources in requests:
+        asked = resources.gpu * getattr(resources, "workers", 1)
         if asked > gpus:
             raise ConfigError(
-                name, asked, f"this machine has {gpus} GPUs; use gpu: 0, or --address to run on a GPU cluster"
-            )
+                f"{prefix}.gpu", resources.gpu,
+                f"this machine has {gpus} GPUs; use gpu: 0, or --address to run on a GPU cluster",
+            )  # fmt: skip
 
 
 def check_data(search: dict[str, Any]) -> None:
