@@ -5,13 +5,13 @@ flip, colour jitter, tensor, normalise), stage by stage, and of faster decode pa
 
 One process on one thread (a data loader's worker process is one core). The images: DIR/train's
 JPEGs where --imagenet names a copy of ImageNet, else generated ones of ImageNet's typical size and
-JPEG weight (500x375 and 375x500, quality 90, smooth shapes, edges and grain; their sizes are
-printed: compare them with your data's). Pipelines:
+JPEG weight (500x375 and 375x500, quality 90, smooth shapes, edges and grain: about 106 kB each,
+near ImageNet's training set, 138 GB for 1.28M images; their sizes are printed). Pipelines:
 
     protocol      PIL decode, torchvision's RandomResizedCrop(224), flip, ColorJitter(0.4, 0.4, 0.4,
                   hue 0.2), ToTensor, Normalize: nas/evaluate.py's ImageNet training transform
     draft         the same, but the JPEG decoded at 1/2, 1/4 or 1/8 scale where the random crop is
-                  that much larger than 224 (libjpeg's DCT scaling; nas/data.py DraftRandomResizedCrop)
+                  that much larger than 224 (libjpeg's DCT scaling: DraftRandomResizedCrop below)
 
 and the time of each stage. Cores a GPU needs: its training images/s divided by these figures.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import random
 import statistics
 import sys
@@ -33,8 +34,34 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFilter
 
-from nas.data import DraftRandomResizedCrop
 from nas.evaluate import IMAGENET_MEAN, IMAGENET_STD
+
+
+class DraftRandomResizedCrop(torch.nn.Module):
+    """torchvision's RandomResizedCrop(size) on a JPEG that is not decoded yet (`Image.open` without
+    `convert`): the crop is drawn on the full image, with the same distribution, and the JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, `Image.draft`) where the crop is still at
+    least `size` pixels on each side at that scale, then resized to size x size as usual. What a
+    decode at full size would give, up to the small difference of the two downscalings. Other images
+    are decoded in full."""
+
+    def __init__(
+        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ):
+        super().__init__()
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def forward(self, image):
+        width, height = image.size
+        top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        shrink = min(w, h) / self.size
+        if image.format == "JPEG" and shrink >= 2:
+            reduce = min(8, 2 ** int(math.log2(shrink)))
+            image.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
+        image = image.convert("RGB")
+        sx, sy = image.width / width, image.height / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        return image.resize((self.size, self.size), Image.BILINEAR, box=box)
 
 
 def generated_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -54,7 +81,7 @@ def generated_jpegs(count: int, seed: int = 0) -> list[bytes]:
             colour = tuple(rng.randrange(256) for _ in range(3))
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + size, y + size], fill=colour)
         image = image.filter(ImageFilter.GaussianBlur(1.2))
-        grain = (torch.randn(h, w, 3, generator=g) * 12).to(torch.int16)
+        grain = (torch.randn(h, w, 3, generator=g) * 24).to(torch.int16)
         noisy = (torch.from_numpy(__import__("numpy").asarray(image)).to(torch.int16) + grain).clamp(0, 255)
         buffer = io.BytesIO()
         Image.fromarray(noisy.to(torch.uint8).numpy()).save(buffer, format="JPEG", quality=90)
@@ -117,6 +144,10 @@ def main(argv=None) -> int:
         "random-resized crop 224": (T.RandomResizedCrop(224), decoded),
         "flip": (T.RandomHorizontalFlip(), cropped),
         "colour jitter": (T.ColorJitter(0.4, 0.4, 0.4, 0.2), cropped),
+        "  of which brightness": (T.ColorJitter(brightness=0.4), cropped),
+        "  of which contrast": (T.ColorJitter(contrast=0.4), cropped),
+        "  of which saturation": (T.ColorJitter(saturation=0.4), cropped),
+        "  of which hue": (T.ColorJitter(hue=0.2), cropped),
         "to tensor + normalise": (T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]), cropped),
     }
     figures: dict[str, list[float]] = {}

@@ -176,36 +176,6 @@ def imagenet_folder(root: str, split: Literal["train", "val"], transform=None):
     return torchvision.datasets.ImageFolder(str(path), transform=transform)
 
 
-class DraftRandomResizedCrop(torch.nn.Module):
-    """torchvision's RandomResizedCrop(size) on a JPEG that is not decoded yet (`Image.open` without
-    `convert`): the crop is drawn on the full image, with the same distribution, and the JPEG is
-    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, `Image.draft`) where the crop is still at
-    least `size` pixels on each side at that scale, then resized to size x size as usual. What a
-    decode at full size would give, up to the small difference of the two downscalings, at a
-    fraction of its cost (bench/imagenet_pipeline.py). Other images are decoded in full."""
-
-    def __init__(
-        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    ):
-        super().__init__()
-        self.size, self.scale, self.ratio = size, scale, ratio
-
-    def forward(self, image):
-        import torchvision.transforms as T
-        from PIL import Image
-
-        width, height = image.size
-        top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        shrink = min(w, h) / self.size
-        if image.format == "JPEG" and shrink >= 2:
-            reduce = min(8, 2 ** int(math.log2(shrink)))
-            image.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
-        image = image.convert("RGB")
-        sx, sy = image.width / width, image.height / height
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        return image.resize((self.size, self.size), Image.BILINEAR, box=box)
-
-
 def synthetic_cifar(n_train: int = CIFAR_TRAIN_SIZE, n_test: int = 10_000, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """A generated stand-in for CIFAR-10: each class is a smooth random colour pattern, each image
     that pattern at a random shift, contrast and noise. Learnable in a few hundred steps; for tests

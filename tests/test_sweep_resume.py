@@ -52,10 +52,12 @@ def run_until(command: list[str], db: Path, finished: int, env: dict, cwd: Path)
 def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     # A wide integer range: a sampler restarted from scratch would propose the same seeds again.
     seeds = {"type": "int", "low": 0, "high": 1_000_000}
-    # An evaluation stage that must not start while the sweep is interrupted, only at its end.
+    # An evaluation stage that must not start while the sweep is interrupted, only at its end; on two
+    # data-parallel workers (Ray Train, gloo).
     evaluate = {
         "top": 1,
         "by": "discretized_acc",
+        "resources": {"workers": 2, "cpu": 1},
         "settings": {
             "epochs": 1,
             "layers": 5,
@@ -124,6 +126,7 @@ def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     assert all(r.data.tags.get("lost") for r in trials if r.info.status != "FINISHED")
     evaluations = [r for r in runs if r.data.tags.get("kind") == "evaluation"]
     assert [r.info.status for r in evaluations] == ["FINISHED"]  # the best trial's, once, at the end
+    assert evaluations[0].data.params["world_size"] == "2" and evaluations[0].data.params["global_batch"] == "64"
     for trial_id, old in before.items():  # finished trials were not run again
         new = next(r for r in finished if r.data.tags["trial_id"] == trial_id)
         assert new.info.end_time == old.info.end_time
