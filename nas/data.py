@@ -47,8 +47,10 @@ class DataConfig:
     # search subset; `test`, the test set; `valid`, the half that trains the architecture (the DARTS
     # code's protocol: the architecture is measured on images it was fitted to, so only by name).
     # `auto`: images that trained neither weights nor architecture, holdout when the subset leaves
-    # training images (at most 10,000 of them), else the test set (the full 25k/25k split).
+    # training images, else the test set (the full 25k/25k split).
     eval_split: Literal["auto", "valid", "holdout", "test"] = "auto"
+    # Images measured (unset with `auto` holdout: as many as one half of the search trains on, at least
+    # 1,000 and at most 10,000, so that a small search is not dominated by its measurement).
     eval_subset: int | None = field(default=None, metadata={"min": 1})
     # 16 averages 2x2 pixels: a cheaper search for CPU-scale studies (docs/science.md §8).
     resolution: Literal[32, 16, 8] = 32
@@ -60,7 +62,8 @@ class DataConfig:
             used = min(self.subset or CIFAR_TRAIN_SIZE, CIFAR_TRAIN_SIZE)
             self.eval_split = "holdout" if used < CIFAR_TRAIN_SIZE else "test"
             if self.eval_split == "holdout" and self.eval_subset is None:
-                self.eval_subset = min(10_000, CIFAR_TRAIN_SIZE - used)
+                half = round(used * min(self.train_portion, 1 - self.train_portion))
+                self.eval_subset = min(10_000, CIFAR_TRAIN_SIZE - used, max(1_000, half))
 
     def validate(self, path: str) -> None:
         prefix = f"{path}." if path else ""

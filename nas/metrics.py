@@ -81,6 +81,12 @@ FINAL_METRICS = (
     PARAMS,
 )
 EPOCH_METRICS = (VALID_ACC, VALID_LOSS, TRAIN_ACC, TRAIN_LOSS, ARCH_CE, DISCRETIZED_ACC, DROP)
+# Those measured on the search's evaluation images (data.eval_split): what selects on them, selects
+# on those images. The others depend on the training images or on the architecture alone.
+EVAL_SET_METRICS = tuple(
+    m for m in dict.fromkeys((*FINAL_METRICS, *EPOCH_METRICS))
+    if m not in (TRAIN_ACC, TRAIN_LOSS, ARCH_CE, MAX_OP_WEIGHT, KEPT_EDGE_SHARE, PARAMS)
+)  # fmt: skip
 # A final metric under a further target of the same search (docs/science.md D14): `discretized_acc@3of14`.
 DERIVED_SEPARATOR = "@"
 

@@ -145,7 +145,10 @@ def test_accuracy_is_measured_on_held_out_images_unless_valid_is_asked_for():
     full = SearchConfig.from_dict({}).data
     assert full.eval_split == "test" and full.eval_subset is None  # the 25k/25k split leaves no training image
     subset = SearchConfig.resolve(overrides=["data.subset=8000"]).data
-    assert subset.eval_split == "holdout" and subset.eval_subset == 10_000
+    # as many held-out images as one half of the search trains on (4,000), at least 1,000, at most 10,000
+    assert subset.eval_split == "holdout" and subset.eval_subset == 4_000
+    assert SearchConfig.resolve(overrides=["data.subset=256"]).data.eval_subset == 1_000
+    assert SearchConfig.resolve(overrides=["data.subset=30000"]).data.eval_subset == 10_000
     small = SearchConfig.resolve(overrides=["data.subset=45000"]).data
     assert small.eval_split == "holdout" and small.eval_subset == 5_000
     asked = SearchConfig.resolve(overrides=["data.eval_split=valid"]).data

@@ -18,7 +18,8 @@ from tuning.space import SpaceSampler, make_sampler
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "name": "t",
-    "search": {"epochs": 2, "model": {"channels": 4, "cells": 3}},
+    # 1,000 images search, and accuracies are measured on held-out training images (not the test set)
+    "search": {"epochs": 2, "model": {"channels": 4, "cells": 3}, "data": {"subset": 1000}},
     "space": {"preset": {"choices": ["darts", "da2s"]}},
     "num_samples": 2,
 }
@@ -290,7 +291,7 @@ def test_missing_data_is_refused_before_ray(tmp_path):
     from tuning.sweep import run_sweep
 
     sweep = sweep_with(tmp_path)
-    sweep.search["data"] = {"root": str(tmp_path / "no-cifar"), "download": False}
+    sweep.search["data"] = {"root": str(tmp_path / "no-cifar"), "download": False, "subset": 1000}
     with pytest.raises(DataNotFoundError, match="no-cifar"):
         run_sweep(sweep, base_dir=tmp_path)
     assert not (tmp_path / "m").exists() and not (tmp_path / "ray").exists()
@@ -302,3 +303,43 @@ def test_credentials_never_reach_params():
     assert redact("http://alice:s3cret@mlflow.internal:5000") == "http://***@mlflow.internal:5000"
     params = params_of({"mlflow": {"tracking_uri": "https://bob:hunter2@host/mlflow"}, "storage": "s3://k:v@bucket/x"})
     assert "hunter2" not in json.dumps(params) and "k:v@" not in json.dumps(params)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({}, "objective.metric"),  # TPE proposes by discretized accuracy, measured on the test set
+        ({"sampler": {"type": "random"}, "scheduler": {"type": "asha", "metric": "valid_acc"}}, "scheduler.metric"),
+        ({"sampler": {"type": "grid"}, "num_samples": None, "evaluate": {"top": 1}}, "evaluate.by"),
+        (
+            {"objective": [{"metric": "params", "mode": "min"}, {"metric": "drop", "mode": "min"}]},
+            "objective[1].metric",
+        ),
+    ],
+)
+def test_selection_on_test_images_is_refused_unless_asked_for(changes, field):
+    """At full data the search measures on the CIFAR-10 test set (eval_split auto -> test): a sweep
+    that would rank trials by it is refused, naming the field, and accepted when it says so."""
+    full_data = {"epochs": 2, "model": {"channels": 4, "cells": 3}}
+    err = sweep_error(search=full_data, **changes)
+    assert err.field == field and "test set" in str(err) and "select_on_test_set: true" in str(err)
+    data = {**yaml.safe_load(yaml.safe_dump(BASE)), "search": full_data, **changes, "select_on_test_set": True}
+    assert SweepConfig.from_dict(data).base_search().data.eval_split == "test"
+
+
+def test_sweeps_that_do_not_select_on_test_images_are_accepted():
+    full = {**BASE, "search": {"epochs": 2, "model": {"channels": 4, "cells": 3}}}
+    grid = SweepConfig.from_dict({**full, "sampler": {"type": "grid"}, "num_samples": None})  # no ranking
+    assert grid.selections() == [] and grid.base_search().data.eval_split == "test"
+    by_size = SweepConfig.from_dict({**full, "objective": {"metric": "params", "mode": "min"}})
+    assert by_size.selections() == []  # the network's size is not measured on any image
+    held_out = SweepConfig.from_dict({**full, "search": {**full["search"], "data": {"subset": 45000}}})
+    assert held_out.base_search().data.eval_split == "holdout" and held_out.selections()
+
+
+def test_the_hpo_sweep_selects_on_held_out_training_images():
+    hpo = SweepConfig.load(ROOT / "sweeps" / "hpo.yaml")
+    data = hpo.base_search().data
+    assert data.eval_split == "holdout" and data.subset == 45000  # 5,000 training images held out
+    assert [field for field, _ in hpo.selections()] == ["objective[0].metric", "scheduler.metric", "evaluate.by"]
+    assert not hpo.select_on_test_set

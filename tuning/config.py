@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nas.config import ConfigError, apply_overrides, flatten_mapping, from_dict, load_yaml, set_dotted, to_dict
-from nas.metrics import DISCRETIZED_ACC, EPOCH_METRICS, FINAL_METRICS, VALID_ACC
+from nas.metrics import DISCRETIZED_ACC, EPOCH_METRICS, EVAL_SET_METRICS, FINAL_METRICS, VALID_ACC
 from nas.settings import SearchConfig
 
 from .storage import check_storage_text
@@ -177,9 +177,23 @@ class EvaluateConfig:
     datasets: tuple[Literal["cifar10", "imagenet"], ...] = ("cifar10",)
     resources: EvalResourcesConfig = field(default_factory=EvalResourcesConfig)
     settings: dict[str, Any] = field(default_factory=dict)  # nas.evaluate.EvalConfig fields
+    # Training seeds: each architecture is trained once per seed (training noise measured beside the
+    # architectures' differences). Unset: once, with settings.seed.
+    seeds: tuple[int, ...] | None = None
+
+    def training_seeds(self) -> tuple[int | None, ...]:
+        """The seeds to train each architecture with; None: the protocol's (settings.seed)."""
+        return self.seeds or (None,)
 
     def validate(self, path: str) -> None:
         from nas.evaluate import EvalConfig
+
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"{path}.seeds", list(self.seeds), "a list of distinct training seeds, or leave it out")
+        if self.seeds is not None and "seed" in self.settings:
+            raise ConfigError(
+                f"{path}.settings.seed", self.settings["seed"], f"give the training seeds in {path}.seeds"
+            )
 
         if self.by is not None and self.by not in (*FINAL_METRICS, *EPOCH_METRICS):
             raise ConfigError(f"{path}.by", self.by, f"expected one of {', '.join(FINAL_METRICS)}")
@@ -253,6 +267,11 @@ class SweepConfig:
     # fields in braces are dotted SearchConfig fields. Default: the preset's name.
     method_label: str | None = None
     evaluate: EvaluateConfig | None = None
+    # A sweep whose Optuna sampler, scheduler or evaluation stage ranks trials by accuracies measured
+    # on the CIFAR-10 test set (data.eval_split `test`, the `auto` split at full data) is refused,
+    # unless this says so on purpose: the test images would then choose the architecture whose
+    # test error is reported.
+    select_on_test_set: bool = False
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -331,6 +350,7 @@ class SweepConfig:
                 "needs at least one parameter (use the grid sampler with one choice for a single configuration)",
             )
         self.check_search_configs()
+        self.check_selection_split()
         if self.evaluate is not None:
             if self.evaluate.by is None:
                 self.evaluate.by, self.evaluate.mode = objectives[0].metric, self.evaluate.mode or objectives[0].mode
@@ -421,6 +441,42 @@ class SweepConfig:
                 where = f"space.{key}.choices[{i}]" if spec.kind() == "categorical" else f"space.{key}"
                 # A conditional parameter is checked in the setting its condition requires.
                 self._check_point({**(spec.when or {}), key: value}, where)
+
+    def selections(self) -> list[tuple[str, str]]:
+        """(field, metric) of every place the sweep ranks or stops trials by a metric measured on the
+        search's evaluation images: Optuna's objectives (tpe, nsga2), ASHA, `evaluate.top`."""
+        found = []
+        if self.sampler_type() in ("tpe", "nsga2"):
+            objectives = self.objectives()
+            many = isinstance(self.objective, tuple)
+            found += [
+                (f"objective[{i}].metric" if many else "objective.metric", o.metric) for i, o in enumerate(objectives)
+            ]
+        if self.scheduler.type != "none":
+            found.append(("scheduler.metric", self.scheduler.metric))
+        if self.evaluate is not None and self.evaluate.top is not None:
+            found.append(("evaluate.by", self.evaluate.by or self.objectives()[0].metric))
+        return [(field, metric) for field, metric in found if metric in EVAL_SET_METRICS]
+
+    def check_selection_split(self) -> None:
+        """No trial is ranked by accuracies on the test set unless `select_on_test_set` says so."""
+        selections = self.selections()
+        if not selections or self.select_on_test_set:
+            return
+        data = [self.base_search().data]
+        for key, spec in self.space.items():
+            if key.startswith("data.") or key == "preset":
+                data += [self.resolve_trial({key: value}).data for value in spec.values()]
+        if any(d.dataset == "cifar10" and d.eval_split == "test" for d in data):
+            field, metric = selections[0]
+            raise ConfigError(
+                field,
+                metric,
+                "is measured on the CIFAR-10 test set here (data.eval_split test, which `auto` chooses when a "
+                "search uses all 50,000 training images) and would choose the architectures on the images their "
+                "test error is reported on; hold training images out for it (search.data.subset: 45000 leaves "
+                "5,000 for data.eval_split: holdout), or set select_on_test_set: true to do it on purpose",
+            )
 
     def _check_point(self, params: Mapping[str, Any], where: str | None = None) -> None:
         try:

@@ -265,13 +265,13 @@ def run_evaluation_stage(
     stage = sweep.evaluate
     jobs = [
         EvaluationJob(
-            eval_id=f"{t.trial_id}-{dataset}",
+            eval_id=eval_id,
             trial_id=t.trial_id,
             trial_run_id=t.metrics["mlflow_run_id"],
             dataset=dataset,
             genotype=json.loads(t.metrics["genotype"]),
-            settings=stage.settings,
-            store=experiment_dir / "evaluations" / f"{t.trial_id}-{dataset}",
+            settings=stage.settings if seed is None else {**stage.settings, "seed": seed},
+            store=experiment_dir / "evaluations" / eval_id,
             tracking_uri=tracking_uri,
             experiment_id=experiment_id,
             sweep=sweep.name,
@@ -279,6 +279,8 @@ def run_evaluation_stage(
         )
         for t in select_trials(sweep, trials)
         for dataset in stage.datasets
+        for seed in stage.training_seeds()
+        for eval_id in [f"{t.trial_id}-{dataset}" + ("" if seed is None else f"-seed{seed}")]
     ]
     if not jobs:
         return []
