@@ -65,8 +65,11 @@ def _environment() -> dict[str, str]:
 
 def describe(versions: dict[str, str]) -> str:
     """One line: `python 3.11.7, torch 2.14.1 (CUDA 12.8, cuDNN 91002), ... commit 1a2b3c4d`."""
+    order = ("python", *PACKAGES, "commit")
     parts = []
-    for name, version in versions.items():
+    for name, version in sorted(
+        versions.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)
+    ):
         if name in ("cuda", "cudnn"):
             continue
         if name == "torch" and versions.get("cuda", "none") != "none":

@@ -1,10 +1,15 @@
-"""The sweep report's comparison of search metrics with the retrained networks (tuning/report.py)."""
+"""The reports' statistics (tuning/statistics.py) and their comparison of search metrics with the
+retrained networks (tuning/pages.py), checked by hand."""
 
 from __future__ import annotations
 
 import math
 
-from tuning.report import TrialRecord, drop_vs_error_text, plot_drop_vs_error, spearman
+import pytest
+
+from tuning.pages import retrained_text
+from tuning.report import TrialRecord, plot_drop_vs_error
+from tuning.statistics import correlation_p, difference, spearman
 
 
 def test_spearman_by_hand():
@@ -17,24 +22,54 @@ def test_spearman_by_hand():
     assert math.isnan(spearman([1, 2], [1, 2])) and math.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
-def trial(method, seed, drop, error=None):
+def test_correlation_p_by_counting_orderings():
+    # n = 4, a perfect ranking: of the 24 orderings, 1 gives rho = 1 and 1 gives rho = -1 -> p = 2/24
+    assert correlation_p([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(2 / 24)
+    # rho = 0.6 for (2 1 4 3): orderings with |rho| >= 0.6 have sum d^2 <= 4 or >= 16: 5 + 5 of 24
+    assert correlation_p([1, 2, 3, 4], [5, 1, 9, 7]) == pytest.approx(10 / 24)
+    # n = 9 is sampled: a perfect ranking is rare among random orderings
+    assert correlation_p(list(range(9)), list(range(9))) < 0.01
+
+
+def test_difference_of_means_interval_and_permutation_p_by_hand():
+    d = difference([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert d.estimate == -3.0
+    # Welch: variances 1 and 1, se = sqrt(1/3 + 1/3), df = 4; t(0.975, 4) = 2.776445
+    half = 2.776445 * math.sqrt(2 / 3)
+    assert d.low == pytest.approx(-3 - half, abs=1e-5) and d.high == pytest.approx(-3 + half, abs=1e-5)
+    # 20 splits of the 6 values into 3 + 3; only the two extreme ones reach |3|: p = 2/20
+    assert d.p == pytest.approx(0.1)
+    assert math.isnan(difference([1.0], [2.0, 3.0]).low)  # no interval from one value
+    assert "+1.00" in difference([2.0, 2.0], [1.0, 1.0]).describe()
+
+
+def trial(method, seed, drop, errors=()):
     metrics = {"supernet_acc": 40.0, "discretized_acc": 40.0 - drop, "drop": drop, "drop_bn_recal": drop / 2}
-    if error is not None:
-        metrics["cifar10_test_error"] = error
-    return TrialRecord(f"r{method}{seed}", "n", method, "[2, 2, 2, 2]", str(seed), "FINISHED", metrics, {})
+    if errors:
+        metrics["cifar10_test_error"] = sum(errors) / len(errors)
+    return TrialRecord(f"r{method}{seed}", "n", method, "[2, 2, 2, 2]", str(seed), "FINISHED", metrics, {}, {},
+                       {"cifar10": list(errors)} if errors else {})  # fmt: skip
 
 
 def test_drop_vs_retrained_accuracy_table_and_plot(tmp_path):
-    trials = [trial("da2s", 1, 2.0, 40.0), trial("darts", 2, 30.0, 45.0), trial("darts", 1, 31.0, 47.0),
-              trial("multilevel", 1, 10.0, 42.0), trial("da2s", 2, 5.0)]  # fmt: skip
-    text = drop_vs_error_text(trials)
+    trials = [trial("da2s", 1, 2.0, (40.0, 42.0)), trial("darts", 2, 30.0, (45.0, 45.0)),
+              trial("darts", 1, 31.0, (47.0, 49.0)), trial("multilevel", 1, 10.0, (42.0, 40.0)),
+              trial("da2s", 2, 5.0)]  # fmt: skip
+    text = retrained_text(trials)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "method" not in line]
-    # retrained trials only, DARTS first, by seed; accuracy = 100 - error
-    assert [r.split(" | ")[0:3] for r in rows] == [["| darts", "[2, 2, 2, 2]", "1"], ["| darts", "[2, 2, 2, 2]", "2"],
-                                                    ["| da2s", "[2, 2, 2, 2]", "1"], ["| multilevel", "[2, 2, 2, 2]", "1"]]  # fmt: skip
-    assert rows[0].endswith("| 31.00 | 15.50 | 53.00 |")
-    # drops 31, 30, 2, 10 against accuracies 53, 55, 60, 58: ranks 4 3 1 2 vs 1 2 4 3 -> -1
-    assert "of drop with retrained test accuracy: -1.00 (n = 4)" in text
+    # retrained trials only, DARTS first, by seed; accuracy = 100 - error, per training seed and their mean
+    assert [r.split(" | ")[0:2] for r in rows] == [
+        ["| darts", "1"],
+        ["| darts", "2"],
+        ["| da2s", "1"],
+        ["| multilevel", "1"],
+    ]
+    assert rows[0].endswith("| 31.00 | 15.50 | 53.00 | 51.00 | 52.00 |")
+    # drops 31, 30, 2, 10 against mean accuracies 52, 55, 59, 59: ranks 4 3 1 2 vs 1 2 3.5 3.5
+    expected = spearman([31, 30, 2, 10], [52, 55, 59, 59])
+    assert f"- drop: ρ = {expected:.2f}, p = " in text and "(n = 4)" in text
+    # training noise: stds of (53, 51), (55, 55), (60, 58), (58, 60) -> mean of sqrt(2), 0, sqrt(2), sqrt(2)
+    assert f"{3 * math.sqrt(2) / 4:.2f} on average" in text
     path = plot_drop_vs_error(trials, tmp_path / "d.png")
     assert path.stat().st_size > 1000
-    assert drop_vs_error_text([trial("darts", 1, 3.0)]) == "" and plot_drop_vs_error([], tmp_path / "x.png") is None
+    assert retrained_text([trial("darts", 1, 3.0)]) == "" and plot_drop_vs_error([], tmp_path / "x.png") is None

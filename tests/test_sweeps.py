@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from nas.search import run_search
 from nas.settings import SearchConfig
 from tuning.config import SweepConfig
-from tuning.report import load_trials, markdown_table, summarise, table4
+from tuning.export import load_study
+from tuning.report import load_trials, markdown_table, summarise, table4, trial_records
 
 ray = pytest.importorskip("ray")
 
@@ -221,11 +222,28 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     out = tmp_path / "report"
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "sweeps" / "report.py"), "e2e",
-         "--tracking-uri", outcome.tracking_uri, "--out", str(out), "--skips", "--alpha-plots", "[2, 2, 2, 2]"],
+         "--tracking-uri", outcome.tracking_uri, "--out", str(out), "--skips", "--alpha-plots", "[2, 2, 2, 2]",
+         "--export", str(tmp_path / "e2e.json")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = (out / "report.md").read_text()
+    # The export reads back as the same study, and gives the same report and plots without MLflow.
+    exported = trial_records(load_study(tmp_path / "e2e.json"))
+
+    def content(records):
+        return sorted((t.method, t.target, t.seed, sorted(t.metrics.items()), t.retrained) for t in records)
+
+    assert content(exported[0]) == content(finished) and content(exported[1]) == content(other)
+    again = tmp_path / "again"
+    replay = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "sweeps" / "report.py"), "--from",
+         str(tmp_path / "e2e.json"), "--out", str(again), "--skips", "--alpha-plots", "[2, 2, 2, 2]"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+    assert (again / "report.md").read_text() == report
+    assert {p.name for p in again.glob("*.png")} == {p.name for p in out.glob("*.png")}
     assert "skip_connect ops per level" in report
     assert f"Environment: python {platform.python_version()}, torch {metadata.version('torch')}" in report
     assert f"optuna {metadata.version('optuna')}, mlflow {metadata.version('mlflow')}, commit " in report

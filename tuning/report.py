@@ -38,8 +38,9 @@ from nas.metrics import (
 )
 from nas.plots import pyplot, save_figure
 
-from .presentation import DERIVED_TARGETS_TAG, report_names, skip_connect_keys
-from .tracking import PARENT_TAG, client_for, environment_of, retrying
+from .export import Study, fetch_study
+from .presentation import DERIVED_TARGETS_TAG, report_names
+from .tracking import PARENT_TAG, environment_of
 
 COLUMNS = (
     (SUPERNET_ACC, "supernet"),
@@ -68,6 +69,8 @@ class TrialRecord:
     metrics: dict[str, float]
     params: dict[str, str]
     tags: dict[str, str] = field(default_factory=dict)
+    # dataset -> the retrained test error of each training seed (the evaluation stage), in seed order
+    retrained: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,64 +90,48 @@ class Row:
 
 def load_trials(tracking_uri: str, experiment: str) -> tuple[list[TrialRecord], list[TrialRecord]]:
     """(finished trials, trials that failed, diverged or were stopped early) of an experiment."""
-    client = client_for(tracking_uri)
-    found = retrying(lambda: client.get_experiment_by_name(experiment), "get experiment")
-    if found is None:
-        names = [e.name for e in retrying(lambda: client.search_experiments(), "list experiments")]
-        raise LookupError(
-            f"no MLflow experiment {experiment!r} at {tracking_uri}; experiments there: {', '.join(names) or 'none'}"
-        )
-    runs, token = [], None
-    while True:
-        page = retrying(
-            lambda token=token: client.search_runs(
-                [found.experiment_id], "tags.kind = 'trial'", max_results=1000, page_token=token
-            ),
-            "search runs",
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    evaluations = retrying(
-        lambda: client.search_runs(
-            [found.experiment_id], "tags.kind = 'evaluation' and attributes.status = 'FINISHED'", max_results=5000
-        ),
-        "search runs",
-    )
-    errors: dict[str, dict[str, float]] = defaultdict(dict)
-    for run in evaluations:
-        parent = run.data.tags.get(PARENT_TAG)
-        dataset = run.data.tags.get("dataset", run.data.params.get("dataset"))
-        if parent and "test_top1_error" in run.data.metrics:
-            errors[parent][f"{dataset}_test_error"] = run.data.metrics["test_top1_error"]
+    return trial_records(fetch_study(tracking_uri, experiment))
+
+
+def trial_records(study: Study) -> tuple[list[TrialRecord], list[TrialRecord]]:
+    """(finished trials, the others) of a study read from MLflow or from its export. A trial's
+    retrained test errors (the evaluation stage) are its metrics `<dataset>_test_error`, the mean over
+    its training seeds, with every seed's in `retrained`."""
+    errors: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in sorted(study.evaluations, key=lambda r: int(r.params.get("seed", 0))):
+        parent = run.tags.get(PARENT_TAG)
+        dataset = run.tags.get("dataset", run.params.get("dataset"))
+        if parent and run.status == "FINISHED" and "test_top1_error" in run.metrics:
+            errors[parent][dataset].append(run.metrics["test_top1_error"])
     finished, other = [], []
-    for run in runs:
-        params, tags = run.data.params, run.data.tags
+    for run in study.trials:
+        params, tags = run.params, run.tags
         # The run's metrics by derived target: "" for the search's own target (docs/science.md D14).
         by_slug: dict[str, dict[str, float]] = defaultdict(dict)
-        for key, value in report_names(run.data.metrics).items():
+        for key, value in report_names(run.metrics).items():
             name, slug = split_derived(key)
             by_slug[slug][name] = value
+        retrained = dict(errors.get(run.run_id, {}))
         record = TrialRecord(
-            run.info.run_id,
-            run.info.run_name,
+            run.run_id,
+            run.name,
             params.get("method", "?"),
             params.get("target", "?"),
             params.get("seed", "?"),
-            run.info.status,
-            {**by_slug[""], **errors.get(run.info.run_id, {})},
+            run.status,
+            {**by_slug[""], **{f"{d}_test_error": statistics.fmean(v) for d, v in retrained.items()}},
             dict(params),
             dict(tags),
+            retrained,
         )
         records = [record]
         for slug, target in json.loads(tags.get(DERIVED_TARGETS_TAG, "{}")).items():
             tags_of = {**record.tags, "derived_from": record.target}
-            records.append(dataclasses.replace(record, target=target, metrics=by_slug[slug], tags=tags_of))
-        for record in records:
-            complete = (
-                run.info.status == "FINISHED" and "early_stopped" not in tags and DISCRETIZED_ACC in record.metrics
+            records.append(
+                dataclasses.replace(record, target=target, metrics=by_slug[slug], tags=tags_of, retrained={})
             )
+        for record in records:
+            complete = run.status == "FINISHED" and "early_stopped" not in tags and DISCRETIZED_ACC in record.metrics
             (finished if complete else other).append(record)
     return finished, other
 
@@ -295,55 +282,6 @@ def plot_drops(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def export_alpha_plots(tracking_uri: str, trials: Sequence[TrialRecord], target: str, out: str | Path) -> list[Path]:
-    """Per method, the softmax(alpha) evolution plots (normal and reduction cells) of its finished
-    trial under `target` with the lowest seed, and its edge-weight (beta) plots where it has edge
-    parameters, copied from the trial's artifacts."""
-    import shutil
-    import tempfile
-
-    client = client_for(tracking_uri)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for method in sorted({t.method for t in trials}):
-        chosen = sorted((t for t in trials if t.method == method and t.target == target), key=lambda t: t.seed)
-        if not chosen:
-            continue
-        trial = chosen[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            plots = Path(
-                retrying(lambda trial=trial, tmp=tmp: client.download_artifacts(trial.run_id, "plots", tmp), "download")
-            )
-            for plot in sorted([*plots.glob("alpha_*.png"), *plots.glob("edge_weights_*.png")]):
-                kind, level = plot.stem.rsplit("_", 1)
-                name = f"{kind}_{_slug(method)}_{level}.png"
-                shutil.copy(plot, out / name)
-                written.append(out / name)
-    return written
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
-
-
-def skip_count_histories(tracking_uri: str, trials: Sequence[TrialRecord]) -> dict[str, dict[str, dict[int, float]]]:
-    """method -> level -> epoch -> skip_connect count, averaged over the method's trials."""
-    client = client_for(tracking_uri)
-    sums: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for trial in trials:
-        for level, key in skip_connect_keys(trial.metrics).items():
-            history = retrying(lambda key=key, trial=trial: client.get_metric_history(trial.run_id, key), "history")
-            for point in history:
-                sums[trial.method][level][point.step].append(point.value)
-    return {
-        method: {
-            level: {step: statistics.fmean(v) for step, v in sorted(steps.items())} for level, steps in levels.items()
-        }
-        for method, levels in sums.items()
-    }
-
-
 def plot_skip_counts(histories: dict[str, dict[str, dict[int, float]]], path: str | Path, title: str = "") -> Path:
     """One panel per method: skip_connect ops in each level's derived cell over the epochs."""
     plt = pyplot()
@@ -375,62 +313,10 @@ def final_skip_table(histories: dict[str, dict[str, dict[int, float]]]) -> str:
     return "\n".join(lines)
 
 
-def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties get their mean rank); nan below 3 pairs or without spread."""
-
-    def ranks(values: Sequence[float]) -> list[float]:
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        result = [0.0] * len(values)
-        start = 0
-        while start < len(order):
-            end = start
-            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-                end += 1
-            for k in range(start, end + 1):
-                result[order[k]] = (start + end) / 2 + 1
-            start = end + 1
-        return result
-
-    if len(xs) < 3:
-        return math.nan
-    rx, ry = ranks(xs), ranks(ys)
-    if len(set(rx)) < 2 or len(set(ry)) < 2:
-        return math.nan
-    return statistics.correlation(rx, ry)
-
-
 def retrained(trials: Sequence[TrialRecord], dataset: str = "cifar10") -> list[TrialRecord]:
     """The trials whose derived architecture the evaluation stage trained on `dataset`, by method and seed."""
     found = [t for t in trials if f"{dataset}_test_error" in t.metrics]
     return sorted(found, key=lambda t: (_target_key(t.target), _method_key(t.method), t.seed))
-
-
-def drop_vs_error_text(trials: Sequence[TrialRecord], dataset: str = "cifar10") -> str:
-    """Per retrained trial: the search's accuracies and drops beside the retrained network's test
-    accuracy, then the rank correlation of each drop with the test error over all of them."""
-    found = retrained(trials, dataset)
-    if not found:
-        return ""
-    key = f"{dataset}_test_error"
-    metrics = (SUPERNET_ACC, DISCRETIZED_ACC, DROP, DROP_BN_RECAL)
-    lines = [
-        f"## Search vs. retrained accuracy ({dataset})\n",
-        "| method | target | seed | supernet | discretized | drop | drop BN recal | retrained test acc |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for t in found:
-        cells = [_number(t.metrics.get(m)) for m in metrics]
-        lines.append(f"| {t.method} | {t.target} | {t.seed} | {' | '.join(cells)} | {_number(100 - t.metrics[key])} |")
-    lines.append("")
-    accuracy = [100 - t.metrics[key] for t in found]
-    for metric, label in ((DROP, "drop"), (DROP_BN_RECAL, "drop after BN recalibration"),
-                          (SUPERNET_ACC, "supernet accuracy"), (DISCRETIZED_ACC, "discretized accuracy")):  # fmt: skip
-        pairs = [(t.metrics[metric], a) for t, a in zip(found, accuracy) if metric in t.metrics]
-        rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
-        lines.append(
-            f"- Spearman rank correlation of {label} with retrained test accuracy: {_number(rho)} (n = {len(pairs)})"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def _number(value: float | None) -> str:
