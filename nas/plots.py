@@ -1,5 +1,5 @@
 """Figures: a drawing of each discrete cell, and the evolution of softmax(alpha) and of the edge
-weights over the search epochs (the DA2S paper's Figures 10-11). Matplotlib only, Agg backend."""
+weights over the search epochs. Matplotlib only, Agg backend."""
 
 from __future__ import annotations
 
