@@ -45,8 +45,8 @@ from tuning.report import (  # noqa: E402
     summarise,
     trial_records,
 )
-from tuning.tracking import client_for, resolve_tracking_uri  # noqa: E402
-from tuning.ui import instructions, relocate_artifacts, report_relocations  # noqa: E402
+from tuning.tracking import client_for, relocate_artifacts, report_relocations, resolve_tracking_uri  # noqa: E402
+from tuning.ui import instructions  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 

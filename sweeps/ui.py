@@ -21,18 +21,8 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tuning.tracking import client_for, resolve_tracking_uri
-from tuning.ui import (
-    DEFAULT_PORT,
-    base_url,
-    instructions,
-    relocate_artifacts,
-    report_relocations,
-    sqlite_file,
-    start_server,
-    stop_server,
-    wait_for_server,
-)
+from tuning.tracking import client_for, relocate_artifacts, report_relocations, resolve_tracking_uri, sqlite_file
+from tuning.ui import DEFAULT_PORT, base_url, instructions, start_server, stop_server, wait_for_server
 
 
 def main(argv=None) -> int:

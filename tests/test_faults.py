@@ -19,7 +19,7 @@ from conftest import tiny_search_config, tiny_sweep_config
 from mlflow.tracking import MlflowClient
 
 from nas.metrics import EPOCH_METRICS, FINAL_METRICS
-from tuning.presentation import mlflow_name
+from tuning.names import mlflow_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "sweeps" / "run.py")]

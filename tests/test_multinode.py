@@ -37,7 +37,7 @@ from nas.evaluate import EvalConfig, run_evaluation
 from nas.genotype import PUBLISHED
 from nas.search import run_search
 from tuning.config import SweepConfig
-from tuning.presentation import mlflow_name, significant
+from tuning.names import mlflow_name, significant
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")]
 

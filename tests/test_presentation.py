@@ -5,14 +5,8 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qs, urlparse
 
-from tuning.presentation import (
-    method_colour,
-    mlflow_metrics,
-    report_names,
-    runs_link,
-    skip_connect_keys,
-    trial_note,
-)
+from tuning.names import method_colour, mlflow_metrics, report_names, skip_connect_keys
+from tuning.presentation import runs_link, trial_note
 
 
 def test_one_name_per_quantity_rounded_and_in_millions():
@@ -78,7 +72,7 @@ def test_report_counts_a_folded_trial_once_per_target(tmp_path):
     one record per target in the report, each with that target's metrics."""
     from mlflow.tracking import MlflowClient
 
-    from tuning.presentation import DERIVED_TARGETS_TAG
+    from tuning.names import DERIVED_TARGETS_TAG
     from tuning.report import load_trials, summarise
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

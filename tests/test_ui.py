@@ -7,8 +7,7 @@ import shutil
 
 from mlflow.tracking import MlflowClient
 
-from tuning.tracking import ensure_experiment, local_artifact_root
-from tuning.ui import relocate_artifacts, report_relocations
+from tuning.tracking import ensure_experiment, local_artifact_root, relocate_artifacts, report_relocations
 
 
 def _store(root):

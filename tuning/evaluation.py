@@ -42,7 +42,8 @@ from .accelerators import AcceleratorError, claim_accelerators, effective_precis
 from .config import EvalResourcesConfig, SweepConfig
 from .storage import Storage
 from .threads import place_threads
-from .tracking import PENDING_FILE, TrackedRun, client_for, environment_tags, find_run, params_of
+from .tracked_run import PENDING_FILE, TrackedRun
+from .tracking import client_for, environment_tags, find_run, params_of
 
 log = logging.getLogger(__name__)
 # The metric whose MLflow history says which epochs reached the store.

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .tracking import PARENT_TAG, client_for, environment_of, retrying
+from .names import PARENT_TAG
+from .tracking import client_for, environment_of, retrying
 
 FORMAT = 1
 # MLflow metric names whose per-epoch values are kept (a prefix, or a whole name).

@@ -39,7 +39,7 @@ from nas.metrics import DISCRETIZED_ACC, DROP, DROP_BN_RECAL, KEPT_EDGE_SHARE, M
 from nas.ops import op_list
 
 from .export import Study, load_study
-from .presentation import skip_connect_keys
+from .names import skip_connect_keys
 from .report import (
     TrialRecord,
     _method_key,

@@ -26,16 +26,8 @@ from nas.environment import environment
 
 from .config import SweepConfig
 from .storage import Storage
-from .tracking import (
-    PENDING_FILE,
-    environment_of,
-    environment_tags,
-    log_params,
-    params_of,
-    redact,
-    replay_pending,
-    retrying,
-)
+from .tracked_run import PENDING_FILE, replay_pending
+from .tracking import environment_of, environment_tags, log_params, params_of, redact, retrying
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"

@@ -39,8 +39,8 @@ from nas.metrics import (
 from nas.plots import pyplot, save_figure
 
 from .export import Study, fetch_study
-from .presentation import DERIVED_TARGETS_TAG, report_names
-from .tracking import PARENT_TAG, environment_of
+from .names import DERIVED_TARGETS_TAG, PARENT_TAG, report_names
+from .tracking import environment_of
 
 COLUMNS = (
     (SUPERNET_ACC, "supernet"),

@@ -26,9 +26,10 @@ from nas.data import resolve_root
 from . import preflight, recovery
 from .config import SweepConfig
 from .evaluation import run_evaluation_stage
-from .presentation import present_experiment, present_summary
+from .presentation import present_experiment
 from .space import make_searcher
 from .storage import Storage, open_storage
+from .summary import present_summary
 from .tracking import (
     client_for,
     ensure_experiment,

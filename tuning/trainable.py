@@ -39,17 +39,11 @@ from nas.settings import SearchConfig, arch_lr_scale, steps_per_epoch
 
 from .accelerators import AcceleratorError, claim_accelerators, effective_precision
 from .config import method_label, trial_search
-from .presentation import (
-    COLOUR_TAG,
-    DERIVED_TARGETS_TAG,
-    NOTE_TAG,
-    method_colour,
-    mlflow_metrics,
-    report_names,
-    trial_note,
-)
+from .names import COLOUR_TAG, DERIVED_TARGETS_TAG, NOTE_TAG, method_colour, mlflow_metrics, report_names
+from .presentation import trial_note
 from .threads import place_threads
-from .tracking import PENDING_FILE, TrackedRun, environment_tags, params_of
+from .tracked_run import PENDING_FILE, TrackedRun
+from .tracking import environment_tags, params_of
 
 
 @dataclass

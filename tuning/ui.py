@@ -1,10 +1,5 @@
-"""The MLflow UI on a sweep's store: a local server, stores that were moved, and a headless browser.
-
-A local sqlite store records the absolute path of every run's artifacts (MLflow does so), so a
-`runs/` folder that was moved or copied would open with empty artifact lists. `relocate_artifacts`
-finds such records: where the artifacts lie beside the store as this project writes them
-(`mlartifacts/` next to `mlflow.db`), it points the records there; where they cannot be found, it
-says so, by experiment. `serve` starts the UI only after that check.
+"""The MLflow UI on a sweep's store: a local server, the links that open the comparison, and a
+headless browser. A moved store is pointed at its artifacts first (tuning/tracking.py).
 """
 
 from __future__ import annotations
@@ -13,96 +8,17 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from .presentation import runs_link
-from .tracking import redact, resolve_tracking_uri
+from .tracking import ARTIFACTS_DIR, redact, resolve_tracking_uri, sqlite_file
 
 log = logging.getLogger(__name__)
-ARTIFACTS_DIR = "mlartifacts"
 DEFAULT_PORT = 5000
-
-
-def sqlite_file(tracking_uri: str) -> Path | None:
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///") :])
-    return None
-
-
-def _local_path(uri: str) -> Path | None:
-    """The file-system path of a local artifact location (a plain path or a file: URI)."""
-    if uri.startswith("file:"):
-        return Path(unquote(urlparse(uri).path))
-    if "://" in uri or ":" in uri.split("/")[0]:
-        return None
-    return Path(uri)
-
-
-@dataclass
-class Relocation:
-    experiment: str
-    old_root: str
-    new_root: str | None  # None: not found beside the store either
-
-
-def relocate_artifacts(tracking_uri: str, apply: bool = True) -> list[Relocation]:
-    """Artifact records of a local sqlite store that point where nothing is. Those in this
-    project's layout (`.../mlartifacts/<experiment>`) are pointed at the `mlartifacts/` beside the
-    store (with `apply`); others are listed with `new_root` None when the experiment has runs (the
-    UI would show them without artifacts)."""
-    db = sqlite_file(tracking_uri)
-    if db is None or not db.exists():
-        return []
-    here = db.parent / ARTIFACTS_DIR
-    found: list[Relocation] = []
-    with sqlite3.connect(db, timeout=30) as con:
-        tables = {row[0] for row in con.execute("select name from sqlite_master where type='table'")}
-        if not {"experiments", "runs"} <= tables:
-            return []
-        rows = con.execute("select experiment_id, name, artifact_location from experiments").fetchall()
-        for experiment_id, name, location in rows:
-            path = _local_path(location or "")
-            if path is None or path.exists() or path.is_relative_to(here):
-                continue  # elsewhere, there, or beside the store and not written yet
-            parts = path.parts
-            if ARTIFACTS_DIR not in parts:
-                runs = con.execute("select count(*) from runs where experiment_id = ?", (experiment_id,)).fetchone()
-                if runs[0]:
-                    found.append(Relocation(name, location, None))
-                continue
-            cut = len(parts) - 1 - parts[::-1].index(ARTIFACTS_DIR)
-            old = str(Path(*parts[: cut + 1]))
-            found.append(Relocation(name, old, str(here)))
-            if apply:
-                for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
-                    con.execute(
-                        f"update {table} set {column} = ? || substr({column}, ?) "
-                        f"where experiment_id = ? and substr({column}, 1, ?) = ?",
-                        (str(here), len(old) + 1, experiment_id, len(old), old),
-                    )
-    return found
-
-
-def report_relocations(found: list[Relocation]) -> None:
-    for item in found:
-        if item.new_root:
-            log.warning(
-                "MLflow store moved: the artifacts of experiment %r were recorded under %s; now read from %s",
-                item.experiment, item.old_root, item.new_root,
-            )  # fmt: skip
-        else:
-            log.warning(
-                "MLflow: the artifacts of experiment %r are recorded at %s, which does not exist: its runs show "
-                "no artifacts (move them back there, or beside the store as %s/)",
-                item.experiment, item.old_root, ARTIFACTS_DIR,
-            )  # fmt: skip
 
 
 def base_url(tracking_uri: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> str:
