@@ -4,7 +4,7 @@ search in one supernet, in plain PyTorch."""
 from .config import ConfigError
 from .data import DataConfig, SearchData, make_search_data
 from .genotype import PUBLISHED, CellGenotype, Genotype, derive_genotype
-from .runtime import EpochEvent
+from .runtime import Diverged, EpochEvent
 from .search import SearchDiverged, SearchResult, rederive, run_search
 from .settings import SearchConfig
 from .space import SearchSpace, Target
@@ -16,6 +16,7 @@ __all__ = [
     "CellGenotype",
     "ConfigError",
     "DataConfig",
+    "Diverged",
     "EpochEvent",
     "Genotype",
     "SearchConfig",

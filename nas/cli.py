@@ -24,9 +24,12 @@ from .metrics import (
     DROP_UNIT_EDGES,
     DROP_UNIT_EDGES_BN_RECAL,
     SUPERNET_ACC,
+    TEST_TOP1_ERROR,
+    TEST_TOP5_ERROR,
 )
 from .network import network_info
-from .search import SearchDiverged, rederive, run_search
+from .runtime import Diverged
+from .search import rederive, run_search
 from .settings import SearchConfig
 
 METRIC_ROWS = (
@@ -153,13 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             m = result.metrics
             if group.leader:
                 print(
-                    f"test error {m['test_top1_error']:.2f}% (top-5 {m['test_top5_error']:.2f}%), "
+                    f"test error {m[TEST_TOP1_ERROR]:.2f}% (top-5 {m[TEST_TOP5_ERROR]:.2f}%), "
                     f"{m['params'] / 1e6:.2f}M parameters, {m['macs'] / 1e6:.0f}M multiply-adds; results in {args.out}/result.json"
                 )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (DataNotFoundError, SearchDiverged) as err:
+    except (DataNotFoundError, Diverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import config as cfg
+from . import metrics as m
 from .config import ConfigError
 from .data import (
     CIFAR_TRAIN_SIZE,
@@ -52,6 +53,7 @@ from .ops import check_even_channels
 from .runtime import (
     CHECKPOINT,
     RESULT,
+    Diverged,
     EpochEvent,
     RuntimeConfig,
     changed_settings,
@@ -474,19 +476,19 @@ def run_evaluation(
             net, optimizer, data, config, epoch, autocast, memory_format, group, progress
         )
         if not math.isfinite(train_loss):
-            raise RuntimeError(f"epoch {epoch}: the training loss became {train_loss}")
+            raise Diverged(f"epoch {epoch}: the training loss became {train_loss}")
         broadcast_buffers(model, group)  # with BatchNorm per replica: rank 0's statistics, tested and saved
         top1, top5, test_loss = test_accuracy(model, data, group)
         record = {
             "epoch": epoch,
-            "lr": lr,
-            "drop_path": model.drop_path_prob,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "test_loss": test_loss,
-            "test_top1_error": 100.0 - top1,
-            "test_top5_error": 100.0 - top5,
-            "seconds": time.perf_counter() - epoch_started,
+            m.LR: lr,
+            m.DROP_PATH: model.drop_path_prob,
+            m.TRAIN_LOSS: train_loss,
+            m.TRAIN_ACC: train_acc,
+            m.TEST_LOSS: test_loss,
+            m.TEST_TOP1_ERROR: 100.0 - top1,
+            m.TEST_TOP5_ERROR: 100.0 - top5,
+            m.SECONDS: time.perf_counter() - epoch_started,
         }
         history.append(record)
         rng = group.gather(torch.get_rng_state())
@@ -494,7 +496,7 @@ def run_evaluation(
             continue
         log.info(
             "epoch %d/%d  train %.2f%%  test error %.2f%% (top-5 %.2f%%)  %.1fs",
-            epoch, config.epochs, record["train_acc"], record["test_top1_error"], record["test_top5_error"], record["seconds"],
+            epoch, config.epochs, record[m.TRAIN_ACC], record[m.TEST_TOP1_ERROR], record[m.TEST_TOP5_ERROR], record[m.SECONDS],
         )  # fmt: skip
         checkpoint_path = None
         if out is not None:
@@ -512,10 +514,10 @@ def run_evaluation(
 
     last = history[-1] if history else {}
     metrics = {
-        "test_top1_error": last.get("test_top1_error", math.nan),
-        "test_top5_error": last.get("test_top5_error", math.nan),
-        "params": float(params),
-        "macs": float(macs),
+        m.TEST_TOP1_ERROR: last.get(m.TEST_TOP1_ERROR, math.nan),
+        m.TEST_TOP5_ERROR: last.get(m.TEST_TOP5_ERROR, math.nan),
+        m.PARAMS: float(params),
+        m.MACS: float(macs),
     }
     info["seconds"] = time.perf_counter() - started
     result = EvalResult(config, history, metrics, info, out)

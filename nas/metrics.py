@@ -64,6 +64,13 @@ DROP_UNIT_EDGES_BN_RECAL = "drop_unit_edges_bn_recal"
 KEPT_EDGE_SHARE = "kept_edge_share"
 PARAMS = "params"  # the derived network's parameters (derived_params)
 
+# An evaluation (nas/evaluate.py): its per-epoch record and its final metrics (errors in %).
+TEST_TOP1_ERROR = "test_top1_error"
+TEST_TOP5_ERROR = "test_top5_error"
+TEST_LOSS = "test_loss"
+DROP_PATH = "drop_path"
+MACS = "macs"
+
 # What a sweep can rank trials by: the final metrics of a trial, and those it reports every epoch.
 FINAL_METRICS = (
     SUPERNET_ACC,

@@ -20,6 +20,12 @@ import torch
 
 from .config import ConfigError, flatten_mapping
 
+
+class Diverged(RuntimeError):
+    """A loss or a parameter became NaN or infinite (a search's or an evaluation's): the run's result,
+    not a fault to retry (it would diverge again)."""
+
+
 # The files of a run's output directory: the last epoch's state, and the finished run's result.
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"

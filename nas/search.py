@@ -36,6 +36,7 @@ from .losses import warmup_epoch
 from .runtime import (
     CHECKPOINT,
     RESULT,
+    Diverged,
     EpochEvent,
     PhaseClock,
     check_resumable,
@@ -52,8 +53,8 @@ from .supernet import Architecture, Supernet
 log = logging.getLogger(__name__)
 
 
-class SearchDiverged(RuntimeError):
-    """A loss or an architecture parameter became NaN or infinite."""
+# A search's divergence (a loss, alpha or beta NaN or infinite): the one divergence error of nas/.
+SearchDiverged = Diverged
 
 
 @dataclass

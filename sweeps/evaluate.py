@@ -15,7 +15,7 @@ command again continues an unfinished evaluation from its last epoch and returns
 finished one. The MLflow run (experiment `evaluations` unless --experiment) holds the curves, the
 final top-1/top-5 errors and the world size and global batch.
 
-exit status: 0 finished; 2 refused before training (a bad setting, missing data, resources or
+exit status: 0 finished (a divergence, NaN losses, is a result and says so); 2 refused before training (a bad setting, missing data, resources or
 storage the cluster cannot offer; the message names the option); 3 finished, but MLflow did not take
 some logging calls (kept in the storage; the same command sends them); 4 the evaluation failed (the
 reason is printed); 130 interrupted (the same command continues it).
@@ -33,6 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
+from nas import metrics as m  # noqa: E402
 from nas.config import ConfigError, apply_overrides, from_dict  # noqa: E402
 from nas.data import DataNotFoundError, load_cifar10, resolve_root  # noqa: E402
 from nas.evaluate import EvalConfig  # noqa: E402
@@ -98,12 +99,15 @@ def main(argv=None) -> int:
     metrics = summary.metrics
     print(
         f"\n{summary.eval_id}: {summary.status}"
-        + (f", test error {metrics['test_top1_error']:.2f}% (top-5 {metrics['test_top5_error']:.2f}%)"
-           if "test_top1_error" in metrics else "")
+        + (f", test error {metrics[m.TEST_TOP1_ERROR]:.2f}% (top-5 {metrics[m.TEST_TOP5_ERROR]:.2f}%)"
+           if m.TEST_TOP1_ERROR in metrics else "")
     )  # fmt: skip
     from tuning.tracking import redact
 
     print(f"MLflow: {redact(tracking_uri)} (experiment '{args.experiment}')")
+    if summary.status == "DIVERGED":  # its result, as a sweep counts it
+        print(f"diverged: {summary.error}", file=sys.stderr)
+        return EXIT_OK
     if summary.status != "FINISHED":
         print(f"error: {summary.error}", file=sys.stderr)
         return EXIT_FAILED

@@ -6,7 +6,8 @@ python sweeps/run.py SWEEP.yaml --resume      # finish an interrupted sweep
 python sweeps/run.py SWEEP.yaml --address auto   # on a Ray cluster's head (ray up cluster.yaml)
 
 exit status:
-  0    every trial (and evaluation) finished; a trial that diverged finished with that result
+  0    every trial (and evaluation) finished; a trial or evaluation that diverged finished with
+       that result
   2    refused before any trial started: a bad sweep setting, missing data, resources that no
        node of the cluster (present, or addable by its autoscaler) offers, or an --address where
        no Ray cluster answers; the message names the field
@@ -72,7 +73,8 @@ def print_summary(outcome, sweep: SweepConfig) -> None:
 def errored(outcome) -> list[tuple[str, str]]:
     """(id, reason) of every trial and evaluation that errored (not: diverged, which is a result)."""
     found = [(t.trial_id, t.error or "no reason recorded") for t in outcome.trials if t.status == "ERROR"]
-    found += [(e.eval_id, e.error or "no reason recorded") for e in outcome.evaluations if e.status != "FINISHED"]
+    found += [(e.eval_id, e.error or "no reason recorded") for e in outcome.evaluations
+              if e.status not in ("FINISHED", "DIVERGED")]  # fmt: skip
     return found
 
 
@@ -118,10 +120,11 @@ def main(argv=None) -> int:
     if outcome.evaluations:
         print(f"\n{'evaluation':28s} {'status':10s} {'top-1 err':>9s} {'top-5 err':>9s} {'params M':>8s}")
         for e in outcome.evaluations:
-            m = e.metrics
+            values = e.metrics
+            params = values.get(m.PARAMS)
             print(
-                f"{e.eval_id:28s} {e.status:10s} {_fmt(m.get('test_top1_error')):>9s} {_fmt(m.get('test_top5_error')):>9s} "
-                f"{_fmt(m['params'] / 1e6 if m.get('params') else None):>8s}  {e.error or ''}"
+                f"{e.eval_id:28s} {e.status:10s} {_fmt(values.get(m.TEST_TOP1_ERROR)):>9s} "
+                f"{_fmt(values.get(m.TEST_TOP5_ERROR)):>9s} {_fmt(params / 1e6 if params else None):>8s}  {e.error or ''}"
             )
     print(f"\nRay results:  {outcome.experiment_dir}")
     print(f"MLflow:       {redact(outcome.tracking_uri)}  (experiment '{sweep.mlflow.experiment or sweep.name}')")

@@ -382,7 +382,7 @@ def test_s3_storage_survives_a_lost_node_a_lost_driver_and_a_moved_evaluation(cl
     # The evaluation continued on another node from its last epoch checkpoint in S3.
     (evaluation,) = runs(cluster, "s3", "evaluation")
     assert evaluation.info.status == "FINISHED" and evaluation.data.tags.get("resumed") == "true"
-    assert steps(cluster, evaluation, "test_top1_error") == [1, 2]
+    assert steps(cluster, evaluation, "error/test_top1") == [1, 2]
     keys = s3_keys(cluster, prefix)
     assert any(k.endswith("/result.json") and "/evaluations/" in k for k in keys)
     assert not list((cluster.disk / "head").glob("s3:*"))  # nothing written to a local "s3:" folder
@@ -496,8 +496,8 @@ def test_data_parallel_evaluation_continues_after_a_lost_node(cluster, tmp_path)
     assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
     assert run.data.params["world_size"] == "2" and run.data.params["global_batch"] == "32"
     assert run.data.params["sync_bn_effective"] == "True" and run.data.params["threads"] == "1"
-    assert steps(cluster, run, "test_top1_error") == [1, 2, 3]  # every epoch logged once
-    assert steps(cluster, run, "train_loss") == [1, 2, 3]
+    assert steps(cluster, run, "error/test_top1") == [1, 2, 3]  # every epoch logged once
+    assert steps(cluster, run, "loss/train") == [1, 2, 3]
     assert {"evals/evaluations/lost/checkpoint.pt", "evals/evaluations/lost/result.json"} <= set(
         s3_keys(cluster, "evals/evaluations/lost/")
     )
@@ -513,8 +513,8 @@ def test_data_parallel_evaluation_continues_after_a_lost_node(cluster, tmp_path)
     straight = torch.load(reference / "checkpoint.pt")["model"]
     worst = max((resumed[k].float() - straight[k].float()).abs().max().item() for k in straight)
     assert worst <= 1e-6, worst  # the same computation, restored exactly (measured: 0)
-    assert run.data.metrics["test_top1_error"] == pytest.approx(
-        torch.load(reference / "checkpoint.pt")["history"][-1]["test_top1_error"], abs=1e-6
+    assert run.data.metrics["error/test_top1"] == pytest.approx(
+        significant(torch.load(reference / "checkpoint.pt")["history"][-1]["test_top1_error"]), abs=1e-6
     )
 
 
@@ -544,7 +544,7 @@ def test_data_parallel_evaluation_on_an_imagenet_folder(cluster):
     assert done.returncode == 0, output
     run = evaluation_run(cluster, "folder")
     assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
-    assert run.data.params["dataset"] == "imagenet" and steps(cluster, run, "test_top1_error") == [1, 2]
+    assert run.data.params["dataset"] == "imagenet" and steps(cluster, run, "error/test_top1") == [1, 2]
     assert (storage / "evaluations" / "folder" / "checkpoint.pt").exists()
     stored = json.loads((storage / "evaluations" / "folder" / "result.json").read_text())
     assert stored["info"]["world_size"] == 2 and len(stored["history"]) == 2

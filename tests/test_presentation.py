@@ -100,3 +100,20 @@ def test_report_counts_a_folded_trial_once_per_target(tmp_path):
     assert rows[("darts", "3 of 14")].stat("supernet_acc") == (40.0, 0.0)
     assert rows[("darts", "[2, 2, 2, 2]")].stat("discretized_acc") == (30.0, 0.0)
     assert {t.run_id for t in finished if t.method == "darts"} == {runs["darts"]}
+
+
+def test_the_report_plots_paint_each_method_in_its_ui_colour(tmp_path, monkeypatch):
+    """One owner of a method's colour (tuning/names.py): the runs' colour in the UI and the report's bars."""
+    from matplotlib.axes import Axes
+
+    from tuning.report import Row, plot_drops
+
+    painted = []
+    bar = Axes.bar
+    monkeypatch.setattr(
+        Axes, "bar", lambda self, *a, **k: painted.append((k["label"], k["color"])) or bar(self, *a, **k)
+    )
+    rows = [Row(method, "[2, 2, 2, 2]", 1, {"drop": [1.0], "drop_bn_recal": [1.0]}) for method in ("darts", "da2s")]
+    plot_drops(rows, tmp_path / "drops.png")
+    assert set(painted) == {("darts", method_colour("darts")), ("da2s", method_colour("da2s"))}
+    assert method_colour("darts") == "#d62728" and method_colour("da2s") == "#1f77b4"  # DARTS red, DA2S blue

@@ -183,8 +183,10 @@ def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     for run in evaluations:
         assert run.data.params["layers"] == "5" and run.data.tags["dataset"] == "cifar10"
         assert run.data.params["threads"] == "1"  # evaluate.resources: {cpu: 1}: one thread
-        assert 0 <= run.data.metrics["test_top1_error"] <= 100 and run.data.metrics["params"] > 0
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+        # the trials' grouped naming: error/, loss/, network/ (parameters in millions)
+        assert all("/" in k for k in run.data.metrics), sorted(run.data.metrics)
+        assert 0 <= run.data.metrics["error/test_top1"] <= 100 and run.data.metrics["network/params_M"] > 0
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")] == [1]
         assert {"result.json", "genotype.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert sorted(e.status for e in outcome.evaluations) == ["FINISHED", "FINISHED"]
 

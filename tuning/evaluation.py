@@ -33,21 +33,23 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+from nas import metrics as m
 from nas.distributed import Group
 from nas.evaluate import CHECKPOINT, RESULT, RESUME_FREE, EvalConfig, run_evaluation
 from nas.genotype import Genotype
-from nas.runtime import EpochEvent, load_checkpoint
+from nas.runtime import Diverged, EpochEvent, load_checkpoint
 
-from .accelerators import AcceleratorError, claim_accelerators, effective_precision
+from .accelerators import AcceleratorError, effective_precision
 from .config import EvalResourcesConfig, SweepConfig
+from .job import TrackedJob, TrialOutcome
+from .names import EVAL_METRIC_NAMES, eval_mlflow_metrics, eval_report_names
 from .storage import Storage
-from .threads import place_threads
 from .tracked_run import PENDING_FILE, TrackedRun
-from .tracking import client_for, environment_tags, find_run, params_of
+from .tracking import client_for, find_run, params_of
 
 log = logging.getLogger(__name__)
 # The metric whose MLflow history says which epochs reached the store.
-EPOCH_MARKER = "test_top1_error"
+EPOCH_MARKER = EVAL_METRIC_NAMES[m.TEST_TOP1_ERROR]
 
 
 @dataclass
@@ -78,7 +80,7 @@ class EvaluationSummary:
 def select_trials(sweep: SweepConfig, trials: list) -> list:
     """Finished, non-diverged trials with a genotype; the best `top` by `by` if set."""
     stage = sweep.evaluate
-    done = [t for t in trials if t.status == "TERMINATED" and "genotype" in t.metrics and "mlflow_run_id" in t.metrics]
+    done = [t for t in trials if t.status == "TERMINATED" and TrialOutcome.read(t.metrics).genotype is not None]
     done = [
         t for t in done if isinstance(t.metrics.get(stage.by), (int, float)) and not math.isnan(t.metrics[stage.by])
     ]
@@ -103,14 +105,6 @@ def _working_dir(store: Storage) -> Iterator[Path]:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def _save_pending(run: TrackedRun, store: Storage, out_dir: Path) -> int:
-    """What MLflow did not take, to the storage, where the driver replays it."""
-    count = run.save_pending(out_dir / PENDING_FILE)
-    if count and store.local_path is None:
-        (store / PENDING_FILE).upload(out_dir / PENDING_FILE)
-    return count
-
-
 def _send_missing_epochs(run: TrackedRun, out_dir: Path) -> None:
     """Epochs whose checkpoint was saved but whose metrics never reached MLflow (the process died in
     between, or its queue was lost with it): sent from the checkpoint's history, each once."""
@@ -121,26 +115,30 @@ def _send_missing_epochs(run: TrackedRun, out_dir: Path) -> None:
     logged = {m.step for m in run.client.get_metric_history(run.run_id, EPOCH_MARKER)}
     for record in history:
         if record["epoch"] not in logged:
-            run.log_epoch({k: float(v) for k, v in record.items() if k != "epoch"}, record["epoch"])
+            run.log_epoch(eval_mlflow_metrics({k: v for k, v in record.items() if k != "epoch"}), record["epoch"])
 
 
 def _evaluate(job: EvaluationJob, out_dir: Path | None) -> EvaluationSummary:
     """One evaluation on this process: the whole of it, or this worker's share of a data-parallel
-    one (worker 0 with `out_dir`, the others with None). Every worker returns the same summary."""
+    one (worker 0 with `out_dir`, the others with None). Every worker returns the same summary; a
+    divergence is the evaluation's result (DIVERGED), as a search's is."""
     group = Group.current()
     config = EvalConfig.resolve(job.dataset, job.settings)
-    summary = lambda status, metrics, error=None: EvaluationSummary(  # noqa: E731
-        job.eval_id, job.trial_id, job.dataset, status, metrics, error
-    )
-    try:
-        claim_accelerators(job.resources.gpu, config.device)  # before anything initialises CUDA
-    except AcceleratorError as err:  # the same on every worker: each returns it
-        return summary("FAILED", {}, f"AcceleratorError: {err}")
-    threads = place_threads(job.resources.cpu)  # the worker's share of the node's cores
-    run = None
+
+    def summary(status: str, metrics: dict[str, float], error: str | None = None) -> EvaluationSummary:
+        return EvaluationSummary(job.eval_id, job.trial_id, job.dataset, status, metrics, error)
+
+    def keep_pending(path: Path) -> None:  # in the storage, where the driver replays it
+        if job.store.local_path is None:
+            (job.store / PENDING_FILE).upload(path)
+
+    tracked = TrackedJob("evaluation", "eval_id", job.eval_id, job.tracking_uri, job.experiment_id,
+                         job.trial_run_id, out_dir or Path("."), keep_pending)  # fmt: skip
+    threads = tracked.claim(job.resources.gpu, job.resources.cpu, config.device)
+    problem = next((p for p in group.gather(str(tracked.problem) if tracked.problem else None) if p), None)
+    tracked.problem = tracked.problem or (AcceleratorError(problem) if problem else None)
     finished = None
     if group.leader:
-        run = TrackedRun(job.tracking_uri, job.experiment_id, job.trial_run_id, "eval_id", job.eval_id)
         extras = {
             "trial_id": job.trial_id,
             "threads": threads,
@@ -149,14 +147,18 @@ def _evaluate(job: EvaluationJob, out_dir: Path | None) -> EvaluationSummary:
             "batch_per_worker": round(config.batch_size / group.world, 3),
             "lr_effective": config.peak_lr(),
             "sync_bn_effective": config.synchronised_bn(group.world),
-            **effective_precision(config.device, config.runtime, "evaluate"),
+            **({} if problem else effective_precision(config.device, config.runtime, "evaluate")),
         }
-        tags = {"kind": "evaluation", "sweep": job.sweep, "dataset": job.dataset, **environment_tags()}
-        run.open(f"eval-{job.dataset}-{job.trial_id}", params_of(config.to_dict(), extras), tags)
-        if run.status == "FINISHED":
-            finished = dict(run.client.get_run(run.run_id).data.metrics)
-        else:
-            _send_missing_epochs(run, out_dir)
+        tags = {"sweep": job.sweep, "dataset": job.dataset}
+        try:
+            if tracked.open(f"eval-{job.dataset}-{job.trial_id}", params_of(config.to_dict(), extras), tags):
+                finished = eval_report_names(tracked.run.client.get_run(tracked.run_id).data.metrics)
+            else:
+                _send_missing_epochs(tracked.run, out_dir)
+        except AcceleratorError:
+            pass  # its run holds the reason; every worker returns it below
+    if problem:
+        return summary("FAILED", {}, f"AcceleratorError: {problem}")
     finished = group.broadcast(finished)
     if finished is not None:
         return summary("FINISHED", finished)
@@ -166,31 +168,31 @@ def _evaluate(job: EvaluationJob, out_dir: Path | None) -> EvaluationSummary:
     def on_epoch(event: EpochEvent) -> None:  # worker 0: the checkpoint is durable before the metrics go
         if job.store.local_path is None and event.checkpoint_path is not None:
             (job.store / CHECKPOINT).upload(event.checkpoint_path)
-        run.log_epoch(event.metrics, event.epoch)
+        logged = eval_mlflow_metrics(event.metrics)
+        tracked.epoch(logged, event.epoch)
         last.clear()
-        last.update(event.metrics)
+        last.update(logged)
 
     try:
         result = run_evaluation(Genotype.from_dict(job.genotype), config, out_dir, callbacks=[on_epoch])
     except Exception as err:
-        if run is not None:
-            run.set_tags({"failure": f"{type(err).__name__}: {err}"})
-            if not run.finish("FAILED"):
-                _save_pending(run, job.store, out_dir)
-        return summary("FAILED", {}, f"{type(err).__name__}: {err}")
-    if run is None:
+        diverged = isinstance(err, Diverged)
+        if group.leader:
+            tracked.fail(err, diverged)
+        return summary(
+            "DIVERGED" if diverged else "FAILED", {}, str(err) if diverged else f"{type(err).__name__}: {err}"
+        )
+    if not group.leader:
         return summary("FINISHED", result.metrics)
     # The last epoch already logged its test errors at this step, with these values.
-    run.log_final({k: v for k, v in result.metrics.items() if last.get(k) != v}, config.epochs)
-    run.set_tags({"mobile_setting_ok": str(result.info["mobile_setting_ok"]).lower()})
+    final = {k: v for k, v in eval_mlflow_metrics(result.metrics).items() if last.get(k) != v}
+    tracked.run.log_final(final, config.epochs)
     if job.store.local_path is None:
         (job.store / RESULT).upload(out_dir / RESULT)
-    run.log_text((out_dir / RESULT).read_text(), RESULT)  # the node's copy may be gone when a replay sends it
-    run.log_text(json.dumps(job.genotype, indent=2), "genotype.json")
-    if not run.finish("FINISHED"):
-        count = _save_pending(run, job.store, out_dir)
-        return summary("FINISHED", result.metrics, f"{count} MLflow calls pending")
-    return summary("FINISHED", result.metrics)
+    tracked.run.log_text((out_dir / RESULT).read_text(), RESULT)  # the node's copy may be gone when a replay sends it
+    tracked.run.log_text(json.dumps(job.genotype, indent=2), "genotype.json")
+    pending = tracked.finish({"mobile_setting_ok": str(result.info["mobile_setting_ok"]).lower()})
+    return summary("FINISHED", result.metrics, f"{pending} MLflow calls pending" if pending else None)
 
 
 def evaluate_one(job: EvaluationJob) -> EvaluationSummary:
@@ -268,9 +270,9 @@ def run_evaluation_stage(
         EvaluationJob(
             eval_id=eval_id,
             trial_id=t.trial_id,
-            trial_run_id=t.metrics["mlflow_run_id"],
+            trial_run_id=TrialOutcome.read(t.metrics).run_id,
             dataset=dataset,
-            genotype=json.loads(t.metrics["genotype"]),
+            genotype=json.loads(TrialOutcome.read(t.metrics).genotype),
             settings=stage.settings if seed is None else {**stage.settings, "seed": seed},
             store=experiment_dir / "evaluations" / eval_id,
             tracking_uri=tracking_uri,
@@ -316,7 +318,9 @@ def run_jobs(jobs: list[EvaluationJob], max_failures: int) -> list[EvaluationSum
         earlier = existing_run(job)
         if earlier is not None and earlier.info.status == "FINISHED":
             summaries.append(
-                EvaluationSummary(job.eval_id, job.trial_id, job.dataset, "FINISHED", dict(earlier.data.metrics))
+                EvaluationSummary(
+                    job.eval_id, job.trial_id, job.dataset, "FINISHED", eval_report_names(earlier.data.metrics)
+                )
             )
             continue
         resources = job.resources
@@ -343,7 +347,7 @@ def run_jobs(jobs: list[EvaluationJob], max_failures: int) -> list[EvaluationSum
         if summary.status == "FINISHED":
             log.info(
                 "evaluated %s: test error %.2f%% (top-5 %.2f%%)",
-                summary.eval_id, summary.metrics.get("test_top1_error", math.nan), summary.metrics.get("test_top5_error", math.nan),
+                summary.eval_id, summary.metrics.get(m.TEST_TOP1_ERROR, math.nan), summary.metrics.get(m.TEST_TOP5_ERROR, math.nan),
             )  # fmt: skip
         else:
             log.warning("evaluation %s failed: %s", summary.eval_id, summary.error)

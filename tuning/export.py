@@ -25,7 +25,16 @@ from .tracking import client_for, environment_of, retrying
 FORMAT = 1
 # MLflow metric names whose per-epoch values are kept (a prefix, or a whole name).
 CURVE_PREFIXES = ("accuracy/", "architecture/skip_connect")
-EVALUATION_CURVES = ("test_top1_error", "test_top5_error", "train_loss", "train_acc")
+EVALUATION_CURVES = (
+    "error/test_top1",
+    "error/test_top5",
+    "loss/train",
+    "accuracy/train",
+    "test_top1_error",
+    "test_top5_error",
+    "train_loss",
+    "train_acc",
+)  # and stores from before the groups
 # Tags worth keeping: what the report and a reader need, not MLflow's own bookkeeping or the long
 # Markdown description (whose numbers are the metrics themselves).
 KEPT_TAGS = ("kind", "trial_id", "eval_id", "dataset", "method", "target", "genotype", "derived_targets", "early_stopped",

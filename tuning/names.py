@@ -50,9 +50,22 @@ METRIC_NAMES = {
     m.SECONDS: "time/epoch_seconds",
     "search_seconds": "time/search_seconds",  # the trial's (tuning.trainable)
 }
+# An evaluation's metrics (nas/evaluate.py), per epoch and final, in the same scheme.
+EVAL_METRIC_NAMES = {
+    m.TEST_TOP1_ERROR: "error/test_top1",
+    m.TEST_TOP5_ERROR: "error/test_top5",
+    m.TEST_LOSS: "loss/test",
+    m.TRAIN_LOSS: "loss/train",
+    m.TRAIN_ACC: "accuracy/train",
+    m.LR: "optim/lr",
+    m.DROP_PATH: "optim/drop_path",
+    m.SECONDS: "time/epoch_seconds",
+    m.PARAMS: "network/params_M",
+    m.MACS: "network/macs_M",
+}
 # Per-level diagnostics: `skip_connect/normal` -> `architecture/skip_connect_normal`.
 LEVEL_METRICS = {m.SKIP_CONNECT: "skip_connect", m.OP_ENTROPY_PER_EDGE: "op_entropy", m.MAX_OP_WEIGHT: "max_op_weight"}
-SCALE = {m.PARAMS: 1e-6}
+SCALE = {m.PARAMS: 1e-6, m.MACS: 1e-6}
 # MLflow name -> the name the report and the trainable read (the final value's name).
 REPORT_NAMES = {
     **{mlflow: name for name, mlflow in METRIC_NAMES.items() if name != m.VALID_ACC},
@@ -68,6 +81,7 @@ COLOUR_TAG = "mlflow.runColor"
 # A trial derived under further targets: JSON {slug: target}, how the report finds their metrics.
 DERIVED_TARGETS_TAG = "derived_targets"
 PARENT_TAG = "mlflow.parentRunId"
+FAILURE_TAG = "failure"  # why a run ended FAILED (with `diverged` = true for a divergence)
 # Tags of the software a run came from (nas/environment.py): environment.python, environment.torch, ...
 ENVIRONMENT_PREFIX = "environment."
 
@@ -136,3 +150,23 @@ def method_colour(method: str) -> str:
     if key in METHOD_COLOURS:
         return METHOD_COLOURS[key]
     return PALETTE[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(PALETTE)]
+
+
+def eval_mlflow_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation's numeric metrics under their MLflow names (EVAL_METRIC_NAMES), scaled and rounded."""
+    return {
+        EVAL_METRIC_NAMES.get(name, name): significant(float(value) * SCALE.get(name, 1.0))
+        for name, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+def eval_report_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """An evaluation run's metrics under nas's names (`test_top1_error`, `params` as a count); the
+    names of stores written before evaluations were grouped pass through."""
+    back = {mlflow: name for name, mlflow in EVAL_METRIC_NAMES.items()}
+    out = dict(metrics)
+    for key, value in metrics.items():
+        if key in back:
+            out.setdefault(back[key], value / SCALE.get(back[key], 1.0))
+    return out

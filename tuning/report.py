@@ -34,12 +34,13 @@ from nas.metrics import (
     MAX_OP_WEIGHT,
     PARAMS,
     SUPERNET_ACC,
+    TEST_TOP1_ERROR,
     split_derived,
 )
 from nas.plots import pyplot, save_figure
 
 from .export import Study, fetch_study
-from .names import DERIVED_TARGETS_TAG, PARENT_TAG, report_names
+from .names import DERIVED_TARGETS_TAG, PARENT_TAG, eval_report_names, method_colour, report_names
 from .tracking import environment_of
 
 COLUMNS = (
@@ -101,8 +102,9 @@ def trial_records(study: Study) -> tuple[list[TrialRecord], list[TrialRecord]]:
     for run in sorted(study.evaluations, key=lambda r: int(r.params.get("seed", 0))):
         parent = run.tags.get(PARENT_TAG)
         dataset = run.tags.get("dataset", run.params.get("dataset"))
-        if parent and run.status == "FINISHED" and "test_top1_error" in run.metrics:
-            errors[parent][dataset].append(run.metrics["test_top1_error"])
+        metrics = eval_report_names(run.metrics)
+        if parent and run.status == "FINISHED" and TEST_TOP1_ERROR in metrics:
+            errors[parent][dataset].append(metrics[TEST_TOP1_ERROR])
     finished, other = [], []
     for run in study.trials:
         params, tags = run.params, run.tags
@@ -270,7 +272,8 @@ def plot_drops(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
         for i, method in enumerate(methods):
             stats = [by_key[(method, t)].stat(metric) if (method, t) in by_key else (math.nan, 0.0) for t in targets]
             xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(targets))]
-            ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=method)
+            ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=method,
+                   color=method_colour(method))  # fmt: skip
         ax.set_xticks(range(len(targets)), targets, rotation=20, fontsize=8)
         ax.set_title(f"accuracy drop, {label}", fontsize=9)
         ax.axhline(0, color="black", lw=0.6)
@@ -338,7 +341,7 @@ def plot_drop_vs_error(
         for method in methods:
             points = [(t.metrics[metric], 100 - t.metrics[f"{dataset}_test_error"])
                       for t in found if t.method == method and metric in t.metrics]  # fmt: skip
-            ax.scatter([p[0] for p in points], [p[1] for p in points], label=method, s=30)
+            ax.scatter([p[0] for p in points], [p[1] for p in points], label=method, s=30, color=method_colour(method))
         ax.set_xlabel(f"search: {label} (points)", fontsize=9)
     axes[0].set_ylabel(f"retrained {dataset} test accuracy (%)", fontsize=9)
     axes[0].legend(fontsize=8)

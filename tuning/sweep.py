@@ -26,6 +26,8 @@ from nas.data import resolve_root
 from . import preflight, recovery
 from .config import SweepConfig
 from .evaluation import run_evaluation_stage
+from .job import TrialOutcome
+from .names import FAILURE_TAG
 from .presentation import present_experiment
 from .space import make_searcher
 from .storage import Storage, open_storage
@@ -59,7 +61,7 @@ class RunFinalizer(tune.Callback):
         self._end(trial, "FINISHED", {"early_stopped": "true"}, only_if_unfinished=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "FAILED", {"failure": _error_text(trial)[:5000]})
+        self._end(trial, "FAILED", {FAILURE_TAG: _error_text(trial)[:5000]})
 
     def _end(self, trial, status: str, tags: dict[str, str], only_if_unfinished: bool = False) -> None:
         # Best effort: the sweep must go on while MLflow is away; the end of the sweep reconciles.
@@ -67,7 +69,7 @@ class RunFinalizer(tune.Callback):
             client, run = self._run(trial)
             if run is None or run.info.status != "RUNNING":
                 return
-            if only_if_unfinished and (trial.last_result or {}).get("mlflow_pending"):
+            if only_if_unfinished and TrialOutcome.read(trial.last_result).pending:
                 return  # the trial finished; its last calls wait in a pending file
             for k, v in tags.items():
                 client.set_tag(run.info.run_id, k, v)
@@ -100,8 +102,9 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        if result.get("diverged"):
-            log.warning("diverged  %s: %s", self._name(trial), result.get("failure"))
+        outcome = TrialOutcome.read(result)
+        if outcome.diverged:
+            log.warning("diverged  %s: %s", self._name(trial), outcome.failure)
         elif m.SUPERNET_ACC in result:
             log.info(
                 "finished  %s: supernet %.2f%%, discretized %.2f%%, drop %.2f",
@@ -341,9 +344,10 @@ def _new_tuner(
 
 
 def _trial_summary(result) -> TrialSummary:
-    status = "ERROR" if result.error else ("DIVERGED" if result.metrics.get("diverged") else "TERMINATED")
+    outcome = TrialOutcome.read(result.metrics)
+    status = "ERROR" if result.error else ("DIVERGED" if outcome.diverged else "TERMINATED")
     trial_id = result.metrics.get("trial_id") or Path(result.path).name
-    error = str(result.error).strip().splitlines()[-1] if result.error else result.metrics.get("failure")
+    error = str(result.error).strip().splitlines()[-1] if result.error else outcome.failure
     return TrialSummary(trial_id, status, dict(result.config or {}), dict(result.metrics), error)
 
 
@@ -351,7 +355,7 @@ def _finished(trial: TrialSummary, sweep: SweepConfig) -> bool:
     """Whether the trial reached an end: its final result, an error, a divergence, or (with a
     scheduler) an early stop after reporting. A trial interrupted by the scheduler-less sweep's
     stop, or one that never reported, did not."""
-    if trial.status != "TERMINATED" or "genotype" in trial.metrics:
+    if trial.status != "TERMINATED" or TrialOutcome.read(trial.metrics).genotype is not None:
         return True
     return sweep.scheduler.type != "none" and "training_iteration" in trial.metrics
 

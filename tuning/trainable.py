@@ -37,13 +37,12 @@ from nas.runtime import CHECKPOINT, EpochEvent
 from nas.search import SearchDiverged, run_search
 from nas.settings import SearchConfig, arch_lr_scale, steps_per_epoch
 
-from .accelerators import AcceleratorError, claim_accelerators, effective_precision
+from .accelerators import effective_precision
 from .config import method_label, trial_search
+from .job import TrackedJob, TrialOutcome
 from .names import COLOUR_TAG, DERIVED_TARGETS_TAG, NOTE_TAG, method_colour, mlflow_metrics, report_names
 from .presentation import trial_note
-from .threads import place_threads
-from .tracked_run import PENDING_FILE, TrackedRun
-from .tracking import environment_tags, params_of
+from .tracking import params_of
 
 
 @dataclass
@@ -81,18 +80,6 @@ def _report(metrics: Mapping[str, Any], checkpoint_file: Path | None, extra: Pat
         extra.unlink(missing_ok=True)  # it lives on in the checkpoint, where the driver replays it
 
 
-def _end_run(run, status: str, out_dir: Path) -> tuple[int, Path | None]:
-    """Ends the MLflow run; what the store did not take (it is unreachable) goes to a pending file."""
-    if run.finish(status):
-        return 0, None
-    pending = out_dir / PENDING_FILE
-    count = run.save_pending(pending)
-    logging.getLogger(__name__).warning(
-        "MLflow unreachable: %d calls saved to %s for the driver to replay", count, pending
-    )
-    return count, pending
-
-
 def _restore_checkpoint(out_dir: Path) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -103,6 +90,7 @@ def _restore_checkpoint(out_dir: Path) -> None:
 
 
 def _stored_result(run) -> dict[str, Any]:
+    """The result of a trial whose run FINISHED before (from its MLflow run), as it reported it."""
     data = run.client.get_run(run.run_id).data
     stored = report_names(data.metrics)
     result = {k: v for k, v in stored.items() if split_derived(k)[0] in FINAL_METRICS}
@@ -110,31 +98,40 @@ def _stored_result(run) -> dict[str, Any]:
         result[VALID_ACC] = result[SUPERNET_ACC]
     with tempfile.TemporaryDirectory() as tmp:
         genotype = Path(run.client.download_artifacts(run.run_id, "genotype.json", tmp)).read_text()
-    return {**result, "genotype": json.dumps(json.loads(genotype)), "mlflow_run_id": run.run_id, "diverged": 0.0}
+    return TrialOutcome(run.run_id, json.dumps(json.loads(genotype))).report(result)
+
+
+def _final_metrics(result) -> tuple[dict[str, float], list[tuple[str, str, dict[str, float]]]]:
+    """The trial's final metrics (its target's, and each further target's under `name@slug`,
+    docs/science.md D14), and (target, slug, metrics) per further target."""
+    final = {k: v for k, v in result.metrics.items() if k in FINAL_METRICS}
+    final[PARAMS] = float(derived_params(result.genotype))
+    derived = []
+    for derivation in result.derivations:
+        metrics = {k: v for k, v in derivation.metrics.items() if k in FINAL_METRICS}
+        metrics[PARAMS] = float(derived_params(derivation.genotype))
+        derived.append((derivation.target, derivation.slug, metrics))
+        final.update({derived_metric_name(k, derivation.slug): v for k, v in metrics.items()})
+    return final, derived
 
 
 def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
+    """One trial: one full search, tracked (tuning/job.py), reporting every epoch to Ray Tune."""
     started = time.perf_counter()
     overhead = 0.0  # seconds spent on tracking and reporting, not on the search (bench/sweep_overhead.py)
     # Ray logs every checkpoint it stores; the driver's progress lines say what a user needs.
     for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
     # Fail fast on an unreachable MLflow server: TrackedRun queues and retries without blocking training.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     config = SearchConfig.resolve(file=trial_search(settings.search, params))
-    try:
-        claim_accelerators(settings.gpus, config.device)  # before anything initialises CUDA
-        problem = None
-    except AcceleratorError as err:
-        problem = err  # raised once the trial's MLflow run holds it
-    threads = place_threads(settings.cpus)  # the trial's share of the machine's cores
-    out_dir = Path(context.get_trial_dir()) / "search"
+    out_dir = Path(tune.get_context().get_trial_dir()) / "search"
+    job = TrackedJob("trial", "trial_id", trial_id, settings.tracking_uri, settings.experiment_id,
+                     settings.parent_run_id, out_dir)  # fmt: skip
+    threads = job.claim(settings.gpus, settings.cpus, config.device)
     _restore_checkpoint(out_dir)
-
-    run = TrackedRun(settings.tracking_uri, settings.experiment_id, settings.parent_run_id, "trial_id", trial_id)
     method = method_label(settings.method_label, config.to_dict())
     extras = {
         "method": method,
@@ -142,29 +139,21 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         "trial_id": trial_id,
         "threads": threads,
         "arch_lr_scale_effective": round(arch_lr_scale(config, steps_per_epoch(config)), 6),
-        **({} if problem else effective_precision(config.device, config.runtime)),
+        **({} if job.problem else effective_precision(config.device, config.runtime)),
     }
-    run.open(
-        trial_name(method, config, trial_id),
-        params_of(config.to_dict(), extras),
-        {"sweep": settings.sweep, "kind": "trial", COLOUR_TAG: method_colour(method), **environment_tags()},
-    )
-    if problem is not None:
-        run.set_tags({"failure": f"{type(problem).__name__}: {problem}"})
-        _end_run(run, "FAILED", out_dir)
-        raise problem
-    if run.status == "FINISHED":
+    tags = {"sweep": settings.sweep, COLOUR_TAG: method_colour(method)}
+    if job.open(trial_name(method, config, trial_id), params_of(config.to_dict(), extras), tags):
         # Finished before the driver lost track of it (a driver killed between two snapshots of
         # the sweep's state): report that result instead of searching again.
-        _report(_stored_result(run), None)
+        _report(_stored_result(job.run), None)
         return
     last: dict[str, Any] = {}
 
     def on_epoch(event: EpochEvent) -> None:
         nonlocal overhead
         tick = time.perf_counter()
-        run.log_epoch(mlflow_metrics(event.metrics, tuple(event.record["loss_terms"])), event.epoch)
-        metrics = {**event.metrics, "epoch": event.epoch, "mlflow_run_id": run.run_id}
+        job.epoch(mlflow_metrics(event.metrics, tuple(event.record["loss_terms"])), event.epoch)
+        metrics = {**event.metrics, "epoch": event.epoch, TrialOutcome.key("run_id"): job.run_id}
         if event.epoch == event.epochs:
             last.update(metrics)  # reported with the final metrics, as one result
         else:
@@ -177,52 +166,33 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         result = run_search(config, out_dir, callbacks=[on_epoch])
         search_seconds = time.perf_counter() - search_started - (overhead - overhead_before)
     except SearchDiverged as err:
-        run.set_tags({"failure": str(err), "diverged": "true"})
-        pending, pending_file = _end_run(run, "FAILED", out_dir)
+        pending = job.fail(err, diverged=True)
         nan = {name: math.nan for name in settings.objectives}
-        report = {**nan, "diverged": 1.0, "failure": str(err), "mlflow_run_id": run.run_id, "mlflow_pending": pending}
-        _report(report, None, pending_file)
+        outcome = TrialOutcome(job.run_id, diverged=True, failure=str(err), pending=pending)
+        _report(outcome.report(nan), None, job.pending_file if pending else None)
         return
     except Exception as err:
-        run.set_tags({"failure": f"{type(err).__name__}: {err}"})
-        _end_run(run, "FAILED", out_dir)
+        job.fail(err)
         raise
-
-    final = {k: v for k, v in result.metrics.items() if k in FINAL_METRICS}
-    final[PARAMS] = float(derived_params(result.genotype))
-    # Further targets (docs/science.md D14): the same metrics under `name@slug`.
-    derived = []
-    for derivation in result.derivations:
-        metrics = {k: v for k, v in derivation.metrics.items() if k in FINAL_METRICS}
-        metrics[PARAMS] = float(derived_params(derivation.genotype))
-        derived.append((derivation.target, derivation.slug, metrics))
-        final.update({derived_metric_name(k, derivation.slug): v for k, v in metrics.items()})
-    final["search_seconds"] = search_seconds
     tick = time.perf_counter()
+    final, derived = _final_metrics(result)
+    final["search_seconds"] = search_seconds
     # The last epoch already logged the supernet and discretized accuracies and the drop at this
     # step, under the same names; only what differs is logged.
     logged = mlflow_metrics(last)
-    run.log_final({k: v for k, v in mlflow_metrics(final).items() if logged.get(k) != v}, config.epochs)
-    run.log_artifacts(out_dir)
+    job.run.log_final({k: v for k, v in mlflow_metrics(final).items() if logged.get(k) != v}, config.epochs)
+    job.run.log_artifacts(out_dir)
     cells = {level: f"cells/cell_{level}.png" for level in result.genotype.levels}
     for level, path in cells.items():  # the compare view's image grid shows the trials' cells side by side
-        run.log_image(out_dir / path, f"cell_{level}", config.epochs)
+        job.run.log_image(out_dir / path, f"cell_{level}", config.epochs)
     note = trial_note(
-        run.run_id, method, result.info["target"], config.seed, final, result.genotype.describe(), cells, derived
+        job.run_id, method, result.info["target"], config.seed, final, result.genotype.describe(), cells, derived
     )
     tags = {"genotype": result.genotype.describe(), "target": result.info["target"], "method": method, NOTE_TAG: note}
     if derived:
         tags[DERIVED_TARGETS_TAG] = json.dumps({slug: text for text, slug, _ in derived})
-    run.set_tags(tags)
-    pending, pending_file = _end_run(run, "FINISHED", out_dir)
+    pending = job.finish(tags)
     overhead += time.perf_counter() - tick
-    report = {
-        **last,
-        **final,
-        "genotype": json.dumps(result.genotype.to_dict()),
-        "diverged": 0.0,
-        "mlflow_pending": pending,
-        "overhead_seconds": overhead,  # without the last report's checkpoint copy
-    }
-    report.setdefault("mlflow_run_id", run.run_id)
-    _report(report, out_dir / CHECKPOINT, pending_file)
+    outcome = TrialOutcome(job.run_id, json.dumps(result.genotype.to_dict()), pending=pending)
+    report = outcome.report({**last, **final, "overhead_seconds": overhead})  # without the last checkpoint copy
+    _report(report, out_dir / CHECKPOINT, job.pending_file if pending else None)
