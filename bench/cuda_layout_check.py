@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nas.ops import DA2S_OPS
 from nas.space import SearchSpace, Target
-from nas.supernet import Architecture, Supernet, ieee_float32
+from nas.supernet import AlphaConfig, Architecture, BetaConfig, Supernet, ieee_float32
 
 
 def gradients(net: Supernet, arch: Architecture, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -39,8 +39,8 @@ def main() -> int:
         torch.manual_seed(0)
         space = SearchSpace(DA2S_OPS, nodes=4, cells=5)
         plain = Supernet(space, channels=8).cuda().train()
-        arch = Architecture(space, Target.parse("3 of 14", space), edge_params=True, alpha_init_std=1.0,
-                            beta_init_noise=0.5).cuda()  # fmt: skip
+        arch = Architecture(space, Target.parse("3 of 14", space), edge_params=True, alpha=AlphaConfig(init_std=1.0),
+                            beta=BetaConfig(init_noise=0.5)).cuda()  # fmt: skip
         x = torch.randn(16, 3, 16, 16, device="cuda")
         with ieee_float32():
             reference = gradients(plain, arch, x)

@@ -32,10 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from nas.architect import Architect
 from nas.losses import regularisers
+from nas.settings import SearchConfig
 from nas.space import SearchSpace, Target
-from nas.supernet import Architecture, Supernet
+from nas.supernet import AlphaConfig, Architecture, Supernet
 
 ETA, MU, WD = 0.025, 0.9, 3e-4
+
+
+def step_config(order: str = "second", radius: float | None = None, momentum: float = MU, decay: float = WD):
+    """The settings an Architect takes: the order, the weights' SGD momentum and decay, the radius."""
+    overrides = [f"order={order}", f"weights.momentum={momentum}", f"weights.weight_decay={decay}"]
+    return SearchConfig.resolve(overrides=overrides + ([f"arch_optim.hvp_radius={radius}"] if radius else []))
+
+
 # Five of the eight DARTS ops (every kind: none, pooling, identity, separable and dilated convolution)
 # and two nodes: the exact double backward of the full space is too slow for a CPU benchmark.
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3")
@@ -51,7 +60,7 @@ def build(seed: int, preset: str, nodes: int, cells: int, channels: int, resolut
         space,
         Target.parse([2] * nodes, space),
         edge_params=preset == "da2s",
-        alpha_init_std=1e-3,
+        alpha=AlphaConfig(init_std=1e-3),
         generator=torch.Generator().manual_seed(seed),
     ).double()
     with torch.no_grad():
@@ -132,10 +141,10 @@ def run(args) -> dict[str, dict[str, list[float]]]:
                 name = str(dtype).replace("torch.", "")
                 n2, a2, o2, (t2, v2) = _cast(net, arch, w_opt, [train, valid], dtype)
                 a_opt = torch.optim.Adam(a2.parameters(), lr=1e-3)
-                first, _ = Architect(n2, a2, a_opt, "first").first_order_grads(v2, weights)
+                first, _ = Architect(n2, a2, a_opt, step_config("first")).first_order_grads(v2, weights)
                 add(f"{preset} {name} first order", *compare(_flat(first), exact))
                 for radius in args.radii:
-                    architect = Architect(n2, a2, a_opt, "second", MU, WD, hvp_radius=radius)
+                    architect = Architect(n2, a2, a_opt, step_config("second", radius))
                     second, _ = architect.second_order_grads(v2, t2, weights, ETA, o2)
                     add(f"{preset} {name} second order, R = {radius:g}/||v||", *compare(_flat(second), exact))
             if args.progress:

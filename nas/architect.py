@@ -21,39 +21,30 @@ statistics and the weights exactly as they were.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from .losses import regularisers
+from .settings import SearchConfig
 from .supernet import Architecture, Supernet
 
 
 class Architect:
-    def __init__(
-        self,
-        supernet: Supernet,
-        arch: Architecture,
-        optimizer: torch.optim.Optimizer,
-        order: Literal["first", "second"] = "first",
-        weight_momentum: float = 0.9,
-        weight_decay: float = 3e-4,
-        hvp_radius: float = 1e-2,
-        level_weighting: str = "cells",
-    ):
-        self.level_weighting = level_weighting
+    def __init__(self, supernet: Supernet, arch: Architecture, optimizer: torch.optim.Optimizer, config: SearchConfig):
+        """`config` gives the order, the weights' SGD momentum and decay (the virtual step of second
+        order), the Hessian-vector product's radius and the regularisers' level weighting."""
+        self.level_weighting = config.loss.level_weighting
         self.supernet = supernet
         # R = hvp_radius / ||v||: 0.01 in the reference and by default (arch_optim.hvp_radius). A
         # smaller radius is noisier, not more exact, while the difference crosses ReLU and max-pool
         # kinks; only far below float32's resolution does it cross none (docs/science.md §2.5).
-        self.hvp_radius = hvp_radius
+        self.hvp_radius = config.arch_optim.hvp_radius
         self.arch = arch
         self.optimizer = optimizer
-        self.order = order
-        self.weight_momentum = weight_momentum
-        self.weight_decay = weight_decay
+        self.order = config.order
+        self.weight_momentum = config.weights.momentum
+        self.weight_decay = config.weights.weight_decay
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.arch.parameters())

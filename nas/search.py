@@ -146,17 +146,8 @@ class Search:
         supernet.set_autocast(runtime.autocast_dtype(device))
         if runtime.compile:
             supernet.compile()
-        arch = Architecture(
-            space,
-            target,
-            edge_params=config.edge_params,
-            alpha_init_std=config.alpha.init_std,
-            sharpen_alpha=config.alpha.sharpen,
-            beta_clip=config.beta.clip,
-            beta_init_noise=config.beta.init_noise,
-            beta_swap_bug=config.beta.swap_bug,
-            generator=torch.Generator().manual_seed(config.seed),
-        ).to(device)
+        generator = torch.Generator().manual_seed(config.seed)
+        arch = Architecture(space, target, config.alpha, config.beta, config.edge_params, generator).to(device)
         sgd = config.weights
         weight_optimizer = torch.optim.SGD(
             supernet.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
@@ -173,10 +164,7 @@ class Search:
         arch_optimizer = torch.optim.Adam(
             groups, betas=tuple(config.arch_optim.betas), weight_decay=config.arch_optim.weight_decay
         )
-        architect = Architect(
-            supernet, arch, arch_optimizer, config.order, sgd.momentum, sgd.weight_decay,
-            hvp_radius=config.arch_optim.hvp_radius, level_weighting=config.loss.level_weighting,
-        )  # fmt: skip
+        architect = Architect(supernet, arch, arch_optimizer, config)
         return cls(
             config, space, target, supernet, arch, weight_optimizer, arch_optimizer, architect, alpha_lr, beta_lr, scale
         )

@@ -23,7 +23,7 @@ from .ops import check_even_channels, op_list
 from .presets import PRESETS
 from .runtime import RuntimeConfig
 from .space import AlphaSharing, SearchSpace, Target, TargetSpec
-from .supernet import check_beta_swap
+from .supernet import AlphaConfig, BetaConfig, check_beta_swap
 
 # Architecture steps of the reference search: 50 epochs of ceil(25000 / 64) batches.
 REFERENCE_ARCH_STEPS = 50 * math.ceil(25_000 / 64)
@@ -48,25 +48,6 @@ class ModelConfig:
     cells: int = field(default=8, metadata={"min": 1})
     nodes: int = field(default=4, metadata={"min": 1})
     stem_multiplier: int = field(default=3, metadata={"min": 1})
-
-
-@dataclass
-class AlphaConfig:
-    init_std: float = field(default=1e-3, metadata={"min": 0.0})
-    # DA2S's f(alpha): doubles the logits, and cubes them below -0.5.
-    sharpen: bool = False
-    lr: float = field(default=3e-4, metadata={"min": 0.0})
-    # Alpha's learning rate is 0 before epoch round(warmup * epochs) (DA2S: epoch 8 of 50).
-    warmup: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-
-
-@dataclass
-class BetaConfig:
-    init_noise: float = field(default=1e-4, metadata={"min": 0.0})
-    clip: float | None = 1.0
-    lr: float = field(default=3e-4, metadata={"min": 0.0})
-    # Reproduces the released DA2S code, which feeds beta_reduce to normal cells and vice versa.
-    swap_bug: bool = False
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -185,6 +186,25 @@ def check_beta_swap(space: SearchSpace, target: Target, edge_params: bool) -> No
         raise ConfigError("beta.swap_bug", True, "needs the same target for normal and reduction cells")
 
 
+@dataclass
+class AlphaConfig:
+    init_std: float = field(default=1e-3, metadata={"min": 0.0})
+    # DA2S's f(alpha): doubles the logits, and cubes them below -0.5.
+    sharpen: bool = False
+    lr: float = field(default=3e-4, metadata={"min": 0.0})
+    # Alpha's learning rate is 0 before epoch round(warmup * epochs) (DA2S: epoch 8 of 50).
+    warmup: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class BetaConfig:
+    init_noise: float = field(default=1e-4, metadata={"min": 0.0})
+    clip: float | None = 1.0
+    lr: float = field(default=3e-4, metadata={"min": 0.0})
+    # Reproduces the released DA2S code, which feeds beta_reduce to normal cells and vice versa.
+    swap_bug: bool = False
+
+
 class Architecture(nn.Module):
     """Alpha per level and, with `edge_params`, beta per edge group that has to choose.
 
@@ -197,26 +217,24 @@ class Architecture(nn.Module):
         self,
         space: SearchSpace,
         target: Target,
+        alpha: AlphaConfig | None = None,
+        beta: BetaConfig | None = None,
         edge_params: bool = False,
-        alpha_init_std: float = 1e-3,
-        sharpen_alpha: bool = False,
-        beta_clip: float | None = 1.0,
-        beta_init_noise: float = 1e-4,
-        beta_swap_bug: bool = False,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
+        alpha, beta = alpha or AlphaConfig(), beta or BetaConfig()
         self.space = space
         self.target = target
         self.edge_params = edge_params
-        self.sharpen_alpha = sharpen_alpha
-        self.beta_clip = beta_clip
-        self.beta_swap_bug = beta_swap_bug
-        if beta_swap_bug:
+        self.sharpen_alpha = alpha.sharpen
+        self.beta_clip = beta.clip
+        self.beta_swap_bug = beta.swap_bug
+        if beta.swap_bug:
             check_beta_swap(space, target, edge_params)
         shape = (space.num_edges, space.num_ops)
         self.alphas = nn.ParameterList(
-            nn.Parameter(alpha_init_std * torch.randn(shape, generator=generator)) for _ in space.levels
+            nn.Parameter(alpha.init_std * torch.randn(shape, generator=generator)) for _ in space.levels
         )
         self.betas = nn.ParameterList()
         # beta_slots[level][g] is the index into self.betas of group g's beta, or None.
@@ -225,7 +243,7 @@ class Architecture(nn.Module):
             slots: list[int | None] = []
             for group in target.groups(level):
                 if edge_params and group.needs_choice:
-                    init = group.keep / group.size + beta_init_noise * torch.randn(group.size, generator=generator)
+                    init = group.keep / group.size + beta.init_noise * torch.randn(group.size, generator=generator)
                     slots.append(len(self.betas))
                     self.betas.append(nn.Parameter(init))
                 else:

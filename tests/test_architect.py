@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from nas.architect import Architect
 from nas.losses import regularisers
 from nas.space import SearchSpace, Target
-from nas.supernet import Architecture, Supernet
+from nas.supernet import AlphaConfig, Architecture, BetaConfig, Supernet
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3")
 ETA, MU, WD = 0.05, 0.9, 3e-4
@@ -24,8 +24,8 @@ def setup(edge_params=True, dtype=torch.float64):
         space,
         Target.parse("3 of 5", space),
         edge_params=edge_params,
-        alpha_init_std=0.5,
-        beta_init_noise=0.3,
+        alpha=AlphaConfig(init_std=0.5),
+        beta=BetaConfig(init_noise=0.3),
         generator=torch.Generator().manual_seed(1),
     ).to(dtype)
     w_opt = torch.optim.SGD(net.parameters(), lr=ETA, momentum=MU, weight_decay=WD)
@@ -51,7 +51,7 @@ def test_second_order_matches_the_exact_hessian_vector_product(edge_params):
     }
     # In float64 a small radius takes the finite difference inside one linear piece of the ReLU
     # and max-pool network; the reference's 0.01 / ||v|| crosses kinks of a net this small.
-    architect = Architect(net, arch, a_opt, "second", MU, WD, hvp_radius=1e-6)
+    architect = Architect(net, arch, a_opt, _bench().step_config("second", 1e-6, MU, WD))
     approx, _ = architect.second_order_grads(valid, train, weights, ETA, w_opt)
     exact = _bench().exact_unrolled(net, arch, w_opt, train, valid, weights, ETA, MU, WD, flat=False)
     first, _ = architect.first_order_grads(valid, weights)
@@ -64,7 +64,7 @@ def test_second_order_matches_the_exact_hessian_vector_product(edge_params):
 def test_first_order_is_the_gradient_of_the_validation_loss():
     net, arch, _w_opt, a_opt, _, valid = setup(True)
     weights = {"op_entropy": 0.3, "edge_entropy": 0.1, "edge_count": 0.2}
-    grads, info = Architect(net, arch, a_opt, "first").first_order_grads(valid, weights)
+    grads, info = Architect(net, arch, a_opt, _bench().step_config("first")).first_order_grads(valid, weights)
     loss = F.cross_entropy(net(valid[0], arch()), valid[1]) + regularisers(arch, weights)[0]
     expected = torch.autograd.grad(loss, list(arch.parameters()))
     for g, e in zip(grads, expected):
@@ -76,7 +76,9 @@ def test_second_order_step_leaves_weights_and_bn_statistics_untouched():
     net, arch, w_opt, a_opt, train, valid = setup(True)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     alpha_before = arch.alphas[0].detach().clone()
-    Architect(net, arch, a_opt, "second", MU, WD).step(valid, train, {"op_entropy": 0.1}, ETA, w_opt)
+    Architect(net, arch, a_opt, _bench().step_config("second", None, MU, WD)).step(
+        valid, train, {"op_entropy": 0.1}, ETA, w_opt
+    )
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not torch.equal(arch.alphas[0], alpha_before)
@@ -88,7 +90,7 @@ def test_second_order_is_float32_under_bf16_autocast():
     differences of the Hessian-vector product are far below bf16's resolution."""
     net, arch, w_opt, a_opt, train, valid = setup(True, dtype=torch.float32)
     weights = {"op_entropy": 0.1, "edge_entropy": 0.2, "edge_count": 0.1}
-    architect = Architect(net, arch, a_opt, "second", MU, WD)
+    architect = Architect(net, arch, a_opt, _bench().step_config("second", None, MU, WD))
     reference, _ = architect.second_order_grads(valid, train, weights, ETA, w_opt)
     net.set_autocast(torch.bfloat16)
     mixed, _ = architect.second_order_grads(valid, train, weights, ETA, w_opt)
@@ -136,7 +138,7 @@ def test_second_order_at_the_search_radius_on_a_well_conditioned_net():
     second = {}
     for dtype, radius in ((torch.float32, 1e-2), (torch.float64, 1e-2), (torch.float64, 1e-4)):
         n, a, o, (t, v) = bench._cast(net, arch, w_opt, [train, valid], dtype)
-        architect = Architect(n, a, torch.optim.Adam(a.parameters()), "second", bench.MU, bench.WD, hvp_radius=radius)
+        architect = Architect(n, a, torch.optim.Adam(a.parameters()), _bench().step_config("second", radius))
         second[dtype, radius] = bench._flat(architect.second_order_grads(v, t, weights, bench.ETA, o)[0])
     single, double = second[torch.float32, 1e-2], second[torch.float64, 1e-2]
     assert (single - double).norm() / double.norm() < 1e-3  # float32 is not what limits it here

@@ -26,7 +26,7 @@ from nas.runtime import CHECKPOINT, RuntimeConfig, load_checkpoint
 from nas.search import Search, run_search
 from nas.settings import SearchConfig
 from nas.space import SearchSpace, Target
-from nas.supernet import Architecture, Supernet, ieee_float32
+from nas.supernet import AlphaConfig, Architecture, BetaConfig, Supernet, ieee_float32
 
 pytestmark = [
     pytest.mark.cuda,
@@ -72,8 +72,8 @@ def test_fused_equals_plain_on_cuda_in_float32(ops, target, edge_params):
     torch.manual_seed(0)
     space = SearchSpace(ops, nodes=4, cells=5)
     plain = Supernet(space, channels=8).cuda()
-    arch = Architecture(space, Target.parse(target, space), edge_params=edge_params, alpha_init_std=1.0,
-                        beta_init_noise=0.5).cuda()  # fmt: skip
+    arch = Architecture(space, Target.parse(target, space), edge_params=edge_params, alpha=AlphaConfig(init_std=1.0),
+                        beta=BetaConfig(init_noise=0.5)).cuda()  # fmt: skip
     fused = copy.deepcopy(plain).set_fused(True).set_memory_format(memory_format)
     x = torch.randn(16, 3, 16, 16, device="cuda")
     worst = {"logits": 0.0, "loss": 0.0, "grad": 0.0, "bn_stats": 0.0}
@@ -200,8 +200,8 @@ def _second_order_setup(device: str, dtype=torch.float32):
     ops = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3")
     space = SearchSpace(ops, nodes=2, cells=3)
     net = Supernet(space, channels=8).to(dtype)
-    arch = Architecture(space, Target.parse("3 of 5", space), edge_params=True, alpha_init_std=0.5,
-                        beta_init_noise=0.3, generator=torch.Generator().manual_seed(1)).to(dtype)  # fmt: skip
+    arch = Architecture(space, Target.parse("3 of 5", space), edge_params=True, alpha=AlphaConfig(init_std=0.5),
+                        beta=BetaConfig(init_noise=0.3), generator=torch.Generator().manual_seed(1)).to(dtype)  # fmt: skip
     net, arch = net.to(device), arch.to(device)
     w_opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=3e-4)
     a_opt = torch.optim.Adam(arch.parameters(), lr=1e-3)
@@ -226,7 +226,7 @@ def test_second_order_on_cuda_matches_the_cpu_float32_hypergradient():
         net, arch, w_opt, a_opt, train, valid = _second_order_setup(device)
         if device == "cuda":  # the fused path, under bf16 autocast, which second order must not use
             net.set_fused(True).set_autocast(torch.bfloat16)
-        architect = Architect(net, arch, a_opt, "second", 0.9, 3e-4)
+        architect = Architect(net, arch, a_opt, SearchConfig.resolve(overrides=["order=second"]))
         second, _ = architect.second_order_grads(valid, train, weights, 0.05, w_opt)
         first, _ = architect.first_order_grads(valid, weights)
         grads[device] = (torch.cat([g.flatten() for g in second]).cpu(), torch.cat([g.flatten() for g in first]).cpu())

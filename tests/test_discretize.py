@@ -10,7 +10,7 @@ from nas.genotype import derive_genotype
 from nas.metrics import discretization_metrics
 from nas.ops import DA2S_OPS, DARTS_OPS
 from nas.space import SearchSpace, Target
-from nas.supernet import Architecture, ArchWeights, Supernet
+from nas.supernet import AlphaConfig, Architecture, ArchWeights, BetaConfig, Supernet
 
 
 def trained_like(ops, target, edge_params, sharing="global"):
@@ -21,8 +21,8 @@ def trained_like(ops, target, edge_params, sharing="global"):
         space,
         Target.parse(target, space),
         edge_params=edge_params,
-        alpha_init_std=1.0,
-        beta_init_noise=0.5,
+        alpha=AlphaConfig(init_std=1.0),
+        beta=BetaConfig(init_noise=0.5),
         generator=torch.Generator().manual_seed(3),
     )
     net.train()

@@ -15,7 +15,7 @@ from nas.ops import DA2S_OPS, DARTS_OPS, FactorizedReduce
 from nas.search import run_search
 from nas.settings import SearchConfig
 from nas.space import SearchSpace, Target
-from nas.supernet import Architecture, Supernet
+from nas.supernet import AlphaConfig, Architecture, BetaConfig, Supernet
 
 CASES = [
     (DARTS_OPS, [2, 2, 2, 2], False, "global", torch.contiguous_format),
@@ -31,8 +31,8 @@ def test_fused_forward_equals_the_plain_one(ops, target, edge_params, sharing, m
     torch.manual_seed(0)
     space = SearchSpace(ops, nodes=4, cells=5, alpha_sharing=sharing)
     plain = Supernet(space, channels=6).double()
-    arch = Architecture(space, Target.parse(target, space), edge_params=edge_params, alpha_init_std=1.0,
-                        beta_init_noise=0.5).double()  # fmt: skip
+    arch = Architecture(space, Target.parse(target, space), edge_params=edge_params, alpha=AlphaConfig(init_std=1.0),
+                        beta=BetaConfig(init_noise=0.5)).double()  # fmt: skip
     fused = copy.deepcopy(plain).set_fused(True).set_memory_format(memory_format)
     x = torch.randn(5, 3, 12, 12, dtype=torch.float64)  # 12 -> 6 -> 3: odd sizes after reductions
     for training in (True, False):
@@ -132,7 +132,7 @@ def test_channels_last_path_keeps_one_memory_order(ops):
     torch.manual_seed(0)
     space = SearchSpace(ops, nodes=4, cells=5)
     net = Supernet(space, channels=4).set_fused(True).set_memory_format(torch.channels_last)
-    arch = Architecture(space, Target.parse("3 of 14", space), edge_params=True, alpha_init_std=1.0)
+    arch = Architecture(space, Target.parse("3 of 14", space), edge_params=True, alpha=AlphaConfig(init_std=1.0))
     x = torch.randn(3, 3, 16, 16)
     orders = _MemoryOrders()
     with orders:

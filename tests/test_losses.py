@@ -11,7 +11,7 @@ from nas.losses import LossTerm, edge_count_loss, edge_entropy, entropy, op_entr
 from nas.ops import DA2S_OPS, DARTS_OPS
 from nas.settings import SearchConfig
 from nas.space import SearchSpace, Target
-from nas.supernet import Architecture, sharpen
+from nas.supernet import Architecture, BetaConfig, sharpen
 
 
 def make_arch(target, ops=DARTS_OPS, **kwargs) -> Architecture:
@@ -56,7 +56,7 @@ def test_edge_entropy_and_count_of_hand_set_betas():
 
 
 def test_per_cell_target_has_one_beta_of_all_edges_starting_at_k_over_m():
-    arch = make_arch("3 of 14", ops=DA2S_OPS, edge_params=True, beta_init_noise=0.0)
+    arch = make_arch("3 of 14", ops=DA2S_OPS, edge_params=True, beta=BetaConfig(init_noise=0.0))
     assert [b.numel() for b in arch.betas] == [14, 14]
     assert torch.allclose(arch.betas[0], torch.full((14,), 3 / 14))
     # 14 * softmax(uniform) = 1 on every edge at the start.

@@ -6,7 +6,7 @@ import torch
 
 from nas.ops import DA2S_OPS, DARTS_OPS, OPS, build_op
 from nas.space import SearchSpace, Target
-from nas.supernet import Architecture, Supernet
+from nas.supernet import Architecture, BetaConfig, Supernet
 
 
 def build(ops=DARTS_OPS, sharing="global", target=(2, 2, 2, 2), edge_params=False, cells=5, channels=4, **kw):
@@ -61,7 +61,7 @@ def test_gradients_reach_alpha_and_beta_of_every_level():
 
 
 def test_edge_weights_start_at_one_and_follow_beta():
-    _, _, arch = build(ops=DA2S_OPS, edge_params=True, beta_init_noise=0.0)
+    _, _, arch = build(ops=DA2S_OPS, edge_params=True, beta=BetaConfig(init_noise=0.0))
     w = arch.level_edge_weights(0)
     assert torch.allclose(w, torch.ones(14))
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_edge_weights_start_at_one_and_follow_beta():
 
 
 def test_beta_swap_flag_reproduces_the_released_code():
-    _, _, arch = build(ops=DA2S_OPS, edge_params=True, beta_swap_bug=True)
+    _, _, arch = build(ops=DA2S_OPS, edge_params=True, beta=BetaConfig(swap_bug=True))
     with torch.no_grad():
         arch.betas[0].copy_(torch.tensor([5.0, -5.0, -5.0]))
     normal_used, reduce_used = arch.edge_weights()

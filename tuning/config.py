@@ -384,7 +384,15 @@ class SweepConfig:
     def grid_points(self) -> list[dict[str, Any]]:
         """The grid's trials, each its sampled fields: every combination of the choices, a `when`
         field only where its condition holds, and a folded `target` as one trial under the first
-        choice with `derive_targets` (the others) where the target does not shape the search."""
+        choice with `derive_targets` (the others) where the target does not shape the search.
+        Resolved once (each point checked against SearchConfig), again only if the settings change."""
+        key = (copy.deepcopy(self.search), copy.deepcopy(to_dict(self.space)))
+        kept = self.__dict__.get("_grid_points")
+        if kept is None or kept[0] != key:
+            kept = self._grid_points = (key, self._resolve_grid_points())
+        return [dict(point) for point in kept[1]]
+
+    def _resolve_grid_points(self) -> list[dict[str, Any]]:
         fixed = flatten_mapping(self.search)
         holds = lambda spec, point: all(  # noqa: E731
             (point[k] if k in point else fixed.get(k)) == v for k, v in (spec.when or {}).items()

@@ -30,6 +30,8 @@ from ray import tune
 
 from nas.config import ConfigError
 from nas.data import load_cifar10
+from nas.evaluate import EvalConfig
+from nas.settings import SearchConfig
 
 from .recovery import LEFTOVERS
 from .storage import Storage, check_every_node_sees
@@ -273,9 +275,9 @@ def check_workers(prefix: str, resources, nodes: list[NodeType], scalable: list[
 
 def check_devices(sweep) -> None:
     """A device that contradicts the GPUs reserved for it: `cuda` with none reserved is refused."""
-    stages = [("search.device", sweep.search.get("device", "auto"), "resources.gpu", sweep.resources.gpu)]
+    stages = [("search.device", sweep.base_search().device, "resources.gpu", sweep.resources.gpu)]
     if sweep.evaluate is not None:
-        device = (sweep.evaluate.settings or {}).get("device", "auto")
+        device = EvalConfig.resolve(sweep.evaluate.datasets[0], sweep.evaluate.settings).device
         stages.append(("evaluate.settings.device", device, "evaluate.resources.gpu", sweep.evaluate.resources.gpu))
     for field, device, gpu_field, gpu in stages:
         if device == "cuda" and gpu <= 0:
@@ -374,10 +376,11 @@ def check_gpus_here(requests: list[tuple[str, Any]]) -> None:
 
 
 def check_data(search: dict[str, Any]) -> None:
-    """The data the trials will read is there (or can be downloaded)."""
-    data = search.get("data", {})
-    if data.get("dataset", "cifar10") == "cifar10":
-        load_cifar10(data.get("root"), data.get("download", True))  # raises DataNotFoundError
+    """The data the trials will read is there (or can be downloaded): `search`, the trials' fixed
+    settings with the data root made absolute."""
+    data = SearchConfig.resolve(file=search).data
+    if data.dataset == "cifar10":
+        load_cifar10(data.root, data.download)  # raises DataNotFoundError
 
 
 class WaitingTrials(tune.Callback):

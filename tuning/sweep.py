@@ -159,9 +159,9 @@ def _open_storage(sweep: SweepConfig, base: Path) -> Storage:
 def _resolved_search(sweep: SweepConfig, base: Path) -> dict[str, Any]:
     """The fixed settings with the data root made absolute (trials run in their own directories)."""
     search = copy.deepcopy(sweep.search)
-    data = search.setdefault("data", {})
-    if data.get("dataset", "cifar10") == "cifar10":
-        data["root"] = str((base / resolve_root(data.get("root"))).resolve())
+    data = sweep.base_search().data
+    if data.dataset == "cifar10":
+        search.setdefault("data", {})["root"] = str((base / resolve_root(data.root)).resolve())
     return search
 
 
