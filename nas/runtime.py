@@ -8,10 +8,11 @@ other.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -141,6 +142,58 @@ def check_resumable(
             flatten_mapping(current).get(key),
             f"{path} holds a {what} with {key}={old!r}; resume it with the same config or use another output directory",
         )
+
+
+@dataclass
+class RunDirectory:
+    """A run's output directory, kept the same way by a search and an evaluation: `result.json` once
+    the run is finished, a checkpoint after every epoch (what a new start resumes from, refused when
+    its settings differ from this run's outside `free`), and the epoch's callbacks after the
+    checkpoint. `path` None: no files (no directory given, or a data-parallel rank but the first)."""
+
+    path: Path | None
+    settings: dict[str, Any]
+    free: Collection[str]
+    what: str  # "search" or "evaluation", for the messages
+
+    def stored_result(self) -> dict[str, Any] | None:
+        """result.json of an earlier start of this run (it may have ended before its last epoch)."""
+        if self.path is None or not (self.path / RESULT).exists():
+            return None
+        stored = json.loads((self.path / RESULT).read_text())
+        check_resumable(stored["config"], self.settings, self.free, self.path / RESULT, self.what)
+        return stored
+
+    def saved_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The last epoch's checkpoint of an earlier start of this run."""
+        if self.path is None or not (self.path / CHECKPOINT).exists():
+            return None
+        state = load_checkpoint(self.path / CHECKPOINT, map_location)
+        check_resumable(state["config"], self.settings, self.free, self.path / CHECKPOINT, self.what)
+        return state
+
+    def end_epoch(
+        self,
+        event: EpochEvent,
+        state: Callable[[], Mapping[str, Any]],
+        callbacks: Sequence[Callable[[EpochEvent], None]],
+        clock: PhaseClock | None = None,
+    ) -> None:
+        """The epoch's checkpoint (`state()`, written atomically), then the callbacks with its path."""
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            event.checkpoint_path = self.path / CHECKPOINT
+            save_atomic(state(), event.checkpoint_path)
+            if clock is not None:
+                clock.lap("checkpoint")
+        for callback in callbacks:
+            callback(event)
+        if callbacks and clock is not None:
+            clock.lap("callbacks")
+
+    def write_result(self, result: Mapping[str, Any]) -> None:
+        if self.path is not None:
+            (self.path / RESULT).write_text(json.dumps(result, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------- timing and progress

@@ -23,56 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import metrics as m
-from .architect import Architect
 from .config import ConfigError
-from .data import SearchData, batches, make_search_data, stream_generator
-from .discretize import BoundSupernet, accuracy
+from .data import SearchData, make_search_data
 from .environment import environment
 from .genotype import Genotype, derive_genotype
-from .losses import warmup_epoch
 from .runtime import (
     CHECKPOINT,
     RESULT,
     Diverged,
     EpochEvent,
-    PhaseClock,
-    check_resumable,
-    cosine_lr,
+    RunDirectory,
     load_checkpoint,
-    progress_bar,
     resolve_device,
-    save_atomic,
 )
-from .settings import RESUME_FREE, SearchConfig, arch_lr_scale, lr_scale_capped_message
+from .searcher import Derivation, Search
+from .settings import RESUME_FREE, SearchConfig, lr_scale_capped_message
 from .space import SearchSpace, Target
-from .supernet import Architecture, Supernet
 
 log = logging.getLogger(__name__)
 
 
 # A search's divergence (a loss, alpha or beta NaN or infinite): the one divergence error of nas/.
 SearchDiverged = Diverged
-
-
-@dataclass
-class Derivation:
-    """A search's genotype under one target and its discretization metrics, the same as the final
-    ones of a search under that target where the target does not shape the search (D14)."""
-
-    target: str  # Target.describe()
-    slug: str  # Target.slug(): the directory derive/<slug>/ and the metric suffix @<slug>
-    genotype: Genotype
-    metrics: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "slug": self.slug, "genotype": self.genotype.to_dict(), "metrics": self.metrics}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Derivation:
-        return cls(data["target"], data["slug"], Genotype.from_dict(data["genotype"]), dict(data["metrics"]))
 
 
 @dataclass
@@ -117,189 +91,16 @@ class SearchResult:
         return {m.derived_metric_name(k, d.slug): v for d in self.derivations for k, v in d.metrics.items()}
 
 
-@dataclass
-class Search:
-    """The objects of one search, built from a config (and restored from a checkpoint), and its
-    step: an architecture update on a validation batch, then a weight update on a training batch."""
-
-    config: SearchConfig
-    space: SearchSpace
-    target: Target
-    supernet: Supernet
-    arch: Architecture
-    weight_optimizer: torch.optim.SGD
-    arch_optimizer: torch.optim.Adam
-    architect: Architect
-    alpha_lr: float
-    beta_lr: float
-    lr_scale: float
-
-    @classmethod
-    def build(cls, config: SearchConfig, steps_per_epoch: int, num_classes: int, device: torch.device) -> Search:
-        torch.manual_seed(config.seed)
-        space = config.space()
-        target = config.resolved_target(space)
-        supernet = Supernet(space, config.model.channels, num_classes, config.model.stem_multiplier).to(device)
-        runtime = config.runtime
-        supernet.set_fused(runtime.fused)
-        supernet.set_memory_format(runtime.memory_format(device))
-        supernet.set_autocast(runtime.autocast_dtype(device))
-        if runtime.compile:
-            supernet.compile()
-        generator = torch.Generator().manual_seed(config.seed)
-        arch = Architecture(space, target, config.alpha, config.beta, config.edge_params, generator).to(device)
-        sgd = config.weights
-        weight_optimizer = torch.optim.SGD(
-            supernet.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
-        )
-        scale = arch_lr_scale(config, steps_per_epoch)
-        if (capped := lr_scale_capped_message(config, steps_per_epoch)) is not None:
-            log.warning(capped)
-        alpha_lr, beta_lr = config.alpha.lr * scale, config.beta.lr * scale
-        groups = [{"params": arch.alpha_parameters(), "lr": alpha_lr}]
-        if arch.beta_parameters():
-            groups.append({"params": arch.beta_parameters(), "lr": beta_lr})
-        # One Adam, alpha and beta as groups (the DA2S code), so alpha's lr can be 0 during
-        # warm-up while Adam's moments still see its gradients.
-        arch_optimizer = torch.optim.Adam(
-            groups, betas=tuple(config.arch_optim.betas), weight_decay=config.arch_optim.weight_decay
-        )
-        architect = Architect(supernet, arch, arch_optimizer, config)
-        return cls(
-            config, space, target, supernet, arch, weight_optimizer, arch_optimizer, architect, alpha_lr, beta_lr, scale
-        )
-
-    def state(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "format": 1,
-            "epoch": epoch,
-            "config": self.config.to_dict(),
-            "supernet": self.supernet.state_dict(),
-            "arch": self.arch.state_dict(),
-            "weight_optimizer": self.weight_optimizer.state_dict(),
-            "arch_optimizer": self.arch_optimizer.state_dict(),
-            "history": history,
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    def derive(
-        self, target: Target, data: SearchData, supernet_metrics: Mapping[str, float] | None = None
-    ) -> Derivation:
-        """The genotype under `target` and its discretization metrics (with the convergence ones);
-        `supernet_metrics` as for `nas.metrics.discretization_metrics`."""
-        genotype = derive_genotype(self.arch, target)
-        metrics = self.discretize(genotype, data, supernet_metrics)
-        metrics.update(m.convergence_metrics(self.arch, genotype))
-        return Derivation(target.describe(), target.slug(), genotype, metrics)
-
-    def discretize(
-        self, genotype: Genotype, data: SearchData, supernet_metrics: Mapping[str, float] | None = None
-    ) -> dict[str, float]:
-        """Supernet and discretized accuracies of `genotype` on the evaluation set (docs/science.md D4)."""
-        config = self.config
-        return m.discretization_metrics(
-            self.supernet, self.arch, genotype, data.eval, data.train,
-            recal_batches=config.discretize.bn_recal_batches, batch_size=config.batch_size, seed=config.seed,
-            supernet_metrics=supernet_metrics,
-        )  # fmt: skip
-
-    def weight_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step on the training batch with alpha and beta fixed; returns (loss, logits)."""
-        images, labels = batch
-        self.weight_optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            arch_weights = self.arch()
-        logits = self.supernet(images, arch_weights)
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        if self.config.weights.grad_clip is not None:
-            # The optimiser's list of the supernet's parameters: no walk over the modules per step;
-            # foreach: one call for all gradients (on the CPU too, where it is not the default).
-            weights = self.weight_optimizer.param_groups[0]["params"]
-            torch.nn.utils.clip_grad_norm_(weights, self.config.weights.grad_clip, foreach=True)
-        self.weight_optimizer.step()
-        return loss.detach(), logits.detach()
-
-    def step(self, train_batch, valid_batch, loss_weights: dict[str, float], lr: float):
-        """One search step (docs/science.md §2.3): the architecture step, then the weight step."""
-        info = self.architect.step(valid_batch, train_batch, loss_weights, lr, self.weight_optimizer)
-        loss, logits = self.weight_step(train_batch)
-        return loss, logits, info
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self.supernet.load_state_dict(state["supernet"])
-        self.arch.load_state_dict(state["arch"])
-        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
-        self.arch_optimizer.load_state_dict(state["arch_optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-
-
-def _check_resumable(saved: Mapping[str, Any], config: SearchConfig, path: Path) -> None:
-    check_resumable(saved, config.to_dict(), RESUME_FREE, path, "search")
-
-
-def _finished_result(out: Path, config: SearchConfig) -> SearchResult | None:
-    """The stored result of a search that already ran to its end in `out`, if any."""
-    if not (out / RESULT).exists() or not (out / CHECKPOINT).exists():
-        return None
-    stored = json.loads((out / RESULT).read_text())
-    _check_resumable(stored["config"], config, out / RESULT)
-    if len(stored["history"]) != config.epochs:
+def _finished_result(run_dir: RunDirectory, config: SearchConfig) -> SearchResult | None:
+    """The stored result of a search that already ran to its end in the run's directory, if any."""
+    stored = run_dir.stored_result()
+    if stored is None or not (run_dir.path / CHECKPOINT).exists() or len(stored["history"]) != config.epochs:
         return None
     wanted = [t.describe() for t in config.resolved_derive_targets()]
     if [d["target"] for d in stored.get("derivations", [])] != wanted:
         return None  # the final epoch's checkpoint derives them again
-    log.info("resuming %s: the search is finished; its result is in %s", out, out / RESULT)
-    return SearchResult.from_dict(stored, out)
-
-
-def _train_epoch(
-    search: Search, data: SearchData, epoch: int, lr: float, loss_weights, progress: bool
-) -> dict[str, float]:
-    config = search.config
-    arch = search.arch
-    search.supernet.train()
-    train_stream = batches(data.train, config.batch_size, stream_generator(config.seed, epoch, 0), augment=True)
-    valid_stream = batches(
-        data.valid, config.batch_size, stream_generator(config.seed, epoch, 1), augment=True, cycle=True
-    )
-    steps = math.ceil(len(data.train) / config.batch_size)
-    device = data.train.images.device
-    loss_sum = torch.zeros((), device=device)
-    arch_ce_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    terms: dict[str, torch.Tensor] = {}
-    bar = progress_bar(steps, f"epoch {epoch}/{config.epochs}", progress)
-    for step, train_batch in enumerate(train_stream):
-        loss, logits, info = search.step(train_batch, next(valid_stream), loss_weights, lr)
-        labels = train_batch[1]
-        n = len(labels)
-        seen += n
-        loss_sum += loss * n
-        arch_ce_sum += info["arch_ce"] * n
-        correct += (logits.argmax(1) == labels).sum()
-        terms = {k: v for k, v in info.items() if k != "arch_ce"}
-        if bar is not None:
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100.0 * correct.item() / seen:.1f}")
-    if bar is not None:
-        bar.close()
-    stats = {
-        m.TRAIN_LOSS: (loss_sum / seen).item(),
-        m.TRAIN_ACC: 100.0 * correct.item() / seen,
-        m.ARCH_CE: (arch_ce_sum / seen).item(),
-    }
-    bad = [k for k, v in stats.items() if not math.isfinite(v)]
-    bad += [f"alpha[{i}]" for i, a in enumerate(arch.alphas) if not torch.isfinite(a).all()]
-    bad += [f"beta[{i}]" for i, b in enumerate(arch.betas) if not torch.isfinite(b).all()]
-    if bad:
-        raise SearchDiverged(
-            f"epoch {epoch}: {', '.join(bad)} became NaN or infinite (lr {lr:g}, arch lr scale {search.lr_scale:g})"
-        )
-    stats["loss_terms"] = {k: v.item() for k, v in terms.items()}
-    return stats
+    log.info("resuming %s: the search is finished; its result is in %s", run_dir.path, run_dir.path / RESULT)
+    return SearchResult.from_dict(stored, run_dir.path)
 
 
 def write_artifacts(
@@ -331,8 +132,8 @@ def run_search(
     discretization; with `artifacts`, also writes the genotype, cell drawings and alpha / edge
     weight plots to `out_dir`. Raises SearchDiverged when a loss or alpha/beta stops being finite."""
     started = time.perf_counter()
-    out = Path(out_dir) if out_dir is not None else None
-    if resume and out is not None and (finished := _finished_result(out, config)) is not None:
+    run_dir = RunDirectory(Path(out_dir) if out_dir is not None else None, config.to_dict(), RESUME_FREE, "search")
+    if resume and (finished := _finished_result(run_dir, config)) is not None:
         return finished
     device = resolve_device(config.device)
     data = (data or make_search_data(config.data)).to(device)
@@ -340,87 +141,48 @@ def run_search(
     search = Search.build(config, steps_per_epoch, data.num_classes, device)
     history: list[dict[str, Any]] = []
     start = 1
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint = out / CHECKPOINT
-        if resume and checkpoint.exists():
-            state = load_checkpoint(checkpoint, device)
-            _check_resumable(state["config"], config, checkpoint)
+    if run_dir.path is not None:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        state = run_dir.saved_state(device) if resume else None
+        if state is not None:
             search.load(state)
-            history = list(state["history"])
-            start = state["epoch"] + 1
-            log.info("resuming %s after epoch %d", out, state["epoch"])
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            history, start = list(state["history"]), state["epoch"] + 1
+            log.info("resuming %s after epoch %d", run_dir.path, state["epoch"])
+        (run_dir.path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     log.info(
         "search: %s, %s, target %s, %d steps/epoch, arch lr scale %.4g",
-        config.method(),
-        data.describe(),
-        search.target.describe(),
-        steps_per_epoch,
-        search.lr_scale,
-    )
-    alpha_start = warmup_epoch(config.alpha.warmup, config.epochs)
+        config.method(), data.describe(), search.target.describe(), steps_per_epoch, search.lr_scale,
+    )  # fmt: skip
     for epoch in range(start, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        lr = cosine_lr(epoch, config.epochs, config.weights.lr, config.weights.lr_min)
-        for group in search.weight_optimizer.param_groups:
-            group["lr"] = lr
-        alpha_lr = 0.0 if epoch < alpha_start else search.alpha_lr
-        search.arch_optimizer.param_groups[0]["lr"] = alpha_lr
-        loss_weights = config.loss.weights_at(epoch, config.epochs)
-        # Wall time per phase; each phase ends by reading a value from the device, so on a GPU
-        # the times are those of the work itself, not of queueing it.
-        clock = PhaseClock()
-        stats = _train_epoch(search, data, epoch, lr, loss_weights, progress)
-        clock.lap("train")
-        with torch.no_grad():
-            bound = BoundSupernet(search.supernet, search.arch())
-        valid_acc, valid_loss = accuracy(bound, data.eval)
-        clock.lap("eval")
-        genotype = derive_genotype(search.arch)
-        discretized_acc = m.discretized_accuracy(search.supernet, genotype, bound.arch_weights, data.eval)
-        clock.lap("discretize")
-        diagnostics = m.architecture_diagnostics(search.arch, genotype)
-        clock.lap("diagnostics")
-        record = {
-            "epoch": epoch,
-            m.LR: lr,
-            m.ALPHA_LR: alpha_lr,
-            m.BETA_LR: search.beta_lr if search.arch.betas else 0.0,
-            **stats,
-            "loss_weights": loss_weights,
-            m.VALID_ACC: valid_acc,
-            m.VALID_LOSS: valid_loss,
-            # trained edge weights, stored BN statistics: the final `discretized_acc` at the last epoch
-            m.DISCRETIZED_ACC: discretized_acc,
-            m.DROP: valid_acc - discretized_acc,
-            **diagnostics,
-            m.SECONDS: time.perf_counter() - epoch_started,
-            "phase_seconds": clock.laps,
-        }
+        record, clock = search.epoch(data, epoch, progress)
         history.append(record)
         log.info(
             "epoch %d/%d  train %.2f%%  supernet %.2f%%  discretized %.2f%%  arch CE %.3f  skips %s  %.1fs",
-            epoch,
-            config.epochs,
-            record[m.TRAIN_ACC],
-            valid_acc,
-            discretized_acc,
-            record[m.ARCH_CE],
-            record[m.SKIP_CONNECT],
-            record[m.SECONDS],
-        )
-        checkpoint_path = None
-        if out is not None:
-            checkpoint_path = out / CHECKPOINT
-            save_atomic(search.state(epoch, history), checkpoint_path)
-            clock.lap("checkpoint")
-        event = EpochEvent(epoch, config.epochs, record, m.epoch_metrics(record), checkpoint_path)
-        for callback in callbacks:
-            callback(event)
-        if callbacks:
-            clock.lap("callbacks")  # in result.json's history; the checkpoint's copy ends before it
+            epoch, config.epochs, record[m.TRAIN_ACC], record[m.VALID_ACC], record[m.DISCRETIZED_ACC],
+            record[m.ARCH_CE], record[m.SKIP_CONNECT], record[m.SECONDS],
+        )  # fmt: skip
+        event = EpochEvent(epoch, config.epochs, record, m.epoch_metrics(record), None)
+        # the callbacks' lap is in result.json's history; the checkpoint's copy ends before it
+        run_dir.end_epoch(event, lambda epoch=epoch: search.state(epoch, history), callbacks, clock)
+    result = _final_result(search, data, history, steps_per_epoch, device, started)
+    result.out_dir = run_dir.path
+    if run_dir.path is not None:
+        for derivation in result.derivations:
+            write_derivation(run_dir.path, derivation, config.epochs, search.space, artifacts)
+    result.info["seconds"] = time.perf_counter() - started
+    run_dir.write_result(result.to_dict())
+    if run_dir.path is not None and artifacts:
+        write_artifacts(run_dir.path, result.genotype, history, search.space)
+    return result
 
+
+def _final_result(
+    search: Search, data: SearchData, history: list[dict[str, Any]], steps_per_epoch: int, device: torch.device,
+    started: float,
+) -> SearchResult:  # fmt: skip
+    """The search's genotype under its target and its discretization metrics, then those under
+    each further target (docs/science.md D14)."""
+    config = search.config
     final_started = time.perf_counter()
     genotype = derive_genotype(search.arch)
     metrics = search.discretize(genotype, data)
@@ -439,32 +201,20 @@ def run_search(
         info["arch_lr_scale_capped"] = capped
     if device.type == "cuda":
         info["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    result = SearchResult(config, history, genotype, metrics, info, out)
+    result = SearchResult(config, history, genotype, metrics, info)
     log.info(
         "done: supernet %.2f%%, discretized %.2f%% (drop %.2f), after BN recalibration %.2f%%; genotype\n%s",
-        metrics[m.SUPERNET_ACC],
-        metrics[m.DISCRETIZED_ACC],
-        metrics[m.DROP],
-        metrics[m.DISCRETIZED_BN_RECAL_ACC],
+        metrics[m.SUPERNET_ACC], metrics[m.DISCRETIZED_ACC], metrics[m.DROP], metrics[m.DISCRETIZED_BN_RECAL_ACC],
         genotype.describe(),
-    )
+    )  # fmt: skip
     for target in config.resolved_derive_targets(search.space):
         derivation = search.derive(target, data, supernet_metrics=metrics)  # the supernet's own are the same
         result.derivations.append(derivation)
         log.info(
             "derived under %s: discretized %.2f%% (drop %.2f); genotype\n%s",
-            derivation.target,
-            derivation.metrics[m.DISCRETIZED_ACC],
-            derivation.metrics[m.DROP],
+            derivation.target, derivation.metrics[m.DISCRETIZED_ACC], derivation.metrics[m.DROP],
             derivation.genotype.describe(),
-        )
-        if out is not None:
-            write_derivation(out, derivation, config.epochs, search.space, artifacts)
-    info["seconds"] = time.perf_counter() - started
-    if out is not None:
-        (out / RESULT).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        if artifacts:
-            write_artifacts(out, genotype, history, search.space)
+        )  # fmt: skip
     return result
 
 

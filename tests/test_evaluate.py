@@ -157,16 +157,16 @@ def test_cifar_at_16x16_trains_on_average_pooled_images(monkeypatch):
         seen.append(tuple(x.shape[-2:]))
         return forward(self, x, *args, **kwargs)
 
-    import nas.evaluate as evaluate
+    import nas.eval_data as eval_data
 
-    crop = evaluate.random_crop_flip
+    crop = eval_data.random_crop_flip
 
     def spy_crop(images, generator, padding, *args):
         paddings.append(padding)
         return crop(images, generator, padding, *args)
 
     monkeypatch.setattr(EvalNetwork, "forward", spy)
-    monkeypatch.setattr(evaluate, "random_crop_flip", spy_crop)
+    monkeypatch.setattr(eval_data, "random_crop_flip", spy_crop)
     config = EvalConfig.resolve(
         "cifar10",
         overrides=[

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nas.config import ConfigError, apply_overrides, flatten_mapping, from_dict, load_yaml, set_dotted, to_dict
+from nas.eval_config import EvalConfig
 from nas.metrics import DISCRETIZED_ACC, EPOCH_METRICS, EVAL_SET_METRICS, FINAL_METRICS, VALID_ACC
 from nas.settings import SearchConfig
 
@@ -186,8 +187,6 @@ class EvaluateConfig:
         return self.seeds or (None,)
 
     def validate(self, path: str) -> None:
-        from nas.evaluate import EvalConfig
-
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ConfigError(f"{path}.seeds", list(self.seeds), "a list of distinct training seeds, or leave it out")
         if self.seeds is not None and "seed" in self.settings:
