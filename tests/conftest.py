@@ -4,6 +4,7 @@ points at it (as .ci/run sets when ../shared/data exists) and generated images o
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ import torch
 from nas.data import DataConfig, make_search_data
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tool(name: str) -> str:
+    """A command installed beside this Python (`ray`, `mlflow`): the tests run with the virtual
+    environment's Python whether or not it is activated (on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
 
 
 def real_data_root() -> str | None:

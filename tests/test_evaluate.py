@@ -12,7 +12,7 @@ import torch
 from conftest import real_data_root
 
 from nas.data import DataNotFoundError, cutout
-from nas.evaluate import EvalConfig, epoch_lr, run_evaluation
+from nas.evaluate import EvalConfig, epoch_lr, make_eval_data, network_for, run_evaluation, test_accuracy
 from nas.genotype import PUBLISHED, CellGenotype, Genotype
 from nas.network import EvalCell, EvalNetwork, cell_levels, network_info
 
@@ -148,7 +148,14 @@ def test_resume_equals_no_stop(tmp_path):
     assert json.loads((tmp_path / "b" / "result.json").read_text())["metrics"] == straight.metrics
 
 
-def test_cifar_at_16x16_trains_on_average_pooled_images(monkeypatch):
+def recomputed_error(genotype, config, out) -> float:
+    """The test error of the network saved in `out`'s checkpoint, measured again from scratch."""
+    model = network_for(genotype, config)
+    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+    return 100.0 - test_accuracy(model, make_eval_data(config, torch.device("cpu")))[0]
+
+
+def test_cifar_at_16x16_trains_on_average_pooled_images(monkeypatch, tmp_path):
     """The reduced-scale protocol: 2x2 average-pooled CIFAR images, crops padded by 2 (4 at 32x32)."""
     seen, paddings = [], []
     forward = EvalNetwork.forward
@@ -182,9 +189,13 @@ def test_cifar_at_16x16_trains_on_average_pooled_images(monkeypatch):
             "auxiliary=false",
         ],
     )
-    result = run_evaluation(PUBLISHED["darts_v2"], config)
+    result = run_evaluation(PUBLISHED["darts_v2"], config, tmp_path)
     assert set(seen) == {(16, 16)} and set(paddings) == {2}
-    assert 0.0 <= result.metrics["test_top1_error"] <= 100.0
+    # the error reported is that of the trained network, on the 64 test images (a multiple of 100/64)
+    assert result.metrics["test_top1_error"] == pytest.approx(recomputed_error(PUBLISHED["darts_v2"], config, tmp_path))
+    assert (result.metrics["test_top1_error"] * 64 / 100) == pytest.approx(
+        round(result.metrics["test_top1_error"] * 0.64)
+    )
 
 
 @pytest.mark.parametrize(
@@ -229,8 +240,12 @@ def test_imagenet_through_imagefolder(tmp_path):
         data_root=str(tmp_path / "imagenet"),
     )
     assert config.label_smoothing == 0.1 and config.lr_schedule == "step" and config.weight_decay == 3e-5
-    result = run_evaluation(PUBLISHED["darts_v2"], config)
-    assert 0.0 <= result.metrics["test_top1_error"] <= 100.0 and result.history[0]["lr"] == pytest.approx(0.1 * 0.97)
+    result = run_evaluation(PUBLISHED["darts_v2"], config, tmp_path / "out")
+    assert result.history[0]["lr"] == pytest.approx(0.1 * 0.97)
+    # the error of the trained network on the 12 validation JPEGs, measured again through ImageFolder
+    error = result.metrics["test_top1_error"]
+    assert error == pytest.approx(recomputed_error(PUBLISHED["darts_v2"], config, tmp_path / "out"))
+    assert error * 12 / 100 == pytest.approx(round(error * 12 / 100))
     missing = EvalConfig.resolve("imagenet", overrides=["device=cpu"], data_root=str(tmp_path / "nowhere"))
     with pytest.raises(DataNotFoundError, match="nowhere/train"):
         run_evaluation(PUBLISHED["darts_v2"], missing)

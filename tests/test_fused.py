@@ -142,6 +142,22 @@ def test_channels_last_path_keeps_one_memory_order(ops):
     assert not orders.mixed, orders.mixed[:5]
 
 
+def test_the_memory_order_detector_catches_a_mixed_order():
+    """What the two tests around it rely on: an op that meets one shape in two memory orders is
+    reported, in a plain sum and in a backward pass handed a gradient in the other order."""
+    orders = _MemoryOrders()
+    last = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    with orders:
+        last + torch.randn(2, 3, 4, 5)
+    assert orders.mixed and orders.mixed[0][1] == (2, 3, 4, 5)
+    # a channels-last ReLU handed a contiguous gradient (what a wrong-order op downstream does)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    orders = _MemoryOrders()
+    with orders:
+        torch.autograd.grad(torch.relu(x), x, grad_outputs=torch.ones(2, 3, 8, 8))
+    assert [op for op, _, _ in orders.mixed] == ["aten.threshold_backward.default"]
+
+
 def test_evaluation_network_keeps_one_memory_order():
     """The same for a derived network in training (channels-last, as the CPU retrains it), with
     its auxiliary head and drop-path."""

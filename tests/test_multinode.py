@@ -26,7 +26,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import descendants, processes_named, real_data_root, tiny_search_config, tiny_sweep_config
+from conftest import descendants, processes_named, real_data_root, tiny_search_config, tiny_sweep_config, tool
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -87,7 +87,7 @@ class LocalCluster:
         )
 
     def start_head(self) -> None:
-        command = ["ray", "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+        command = [tool("ray"), "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                    f"--temp-dir={self.temp / 'head'}", "--include-dashboard=false", *self._ports()]  # fmt: skip
         self._start("head", command)
         self.wait_started("head")

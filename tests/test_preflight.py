@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import _each_process, descendants, tiny_sweep_config
+from conftest import _each_process, descendants, tiny_sweep_config, tool
 from mlflow.tracking import MlflowClient
 
 from nas.config import ConfigError
@@ -181,7 +181,7 @@ def fake_autoscaling_cluster():
     config.write_text(yaml.safe_dump(fake_cluster_config(port)))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
-    start = ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+    start = [tool("ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
              f"--autoscaling-config={config}", f"--temp-dir={temp_dir}", "--include-dashboard=false"]  # fmt: skip
     try:
         done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)

@@ -240,16 +240,10 @@ def run_sweep(
     parent_run_id = recovery.parent_run(client, experiment_id, sweep, experiment_dir, resume)
     present_experiment(client, experiment_id, sweep, parent_run_id)
     settings = TrialSettings(
-        sweep=sweep.name,
-        search=search,
-        tracking_uri=tracking_uri,
-        experiment_id=experiment_id,
-        parent_run_id=parent_run_id,
-        objectives=tuple(o.metric for o in sweep.objectives()),
-        cpus=sweep.resources.cpu,
-        method_label=sweep.method_label,
-        gpus=sweep.resources.gpu,
-    )
+        sweep=sweep.name, search=search, tracking_uri=tracking_uri, experiment_id=experiment_id,
+        parent_run_id=parent_run_id, objectives=tuple(o.metric for o in sweep.objectives()), cpus=sweep.resources.cpu,
+        method_label=sweep.method_label, gpus=sweep.resources.gpu,
+    )  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(search_trial, settings=settings),
         {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
@@ -283,17 +277,23 @@ def run_sweep(
             )
         except KeyboardInterrupt:
             outcome.interrupted = True
-    if outcome.interrupted:
-        recovery.close_interrupted(client, experiment_id, sweep.name, parent_run_id)
-    else:
-        outcome.pending = recovery.reconcile_finished(client, experiment_id, sweep, base, experiment_dir)
-        _summarise(client, parent_run_id, sweep, outcome)
-        try:
-            present_summary(client, tracking_uri, sweep, parent_run_id)
-        except Exception as err:  # a summary that cannot be drawn must not fail a finished sweep
-            log.warning("MLflow: the sweep's summary could not be written (%s)", err)
-        retrying(lambda: client.set_terminated(parent_run_id, "FINISHED"), "end sweep run")
+    _close(client, sweep, base, outcome)
     return outcome
+
+
+def _close(client, sweep: SweepConfig, base: Path, outcome: SweepOutcome) -> None:
+    """The sweep's MLflow run at the end: KILLED if interrupted; else its trials' runs reconciled, the
+    best objectives and the report on it, FINISHED."""
+    if outcome.interrupted:
+        recovery.close_interrupted(client, outcome.experiment_id, sweep.name, outcome.parent_run_id)
+        return
+    outcome.pending = recovery.reconcile_finished(client, outcome.experiment_id, sweep, base, outcome.experiment_dir)
+    _summarise(client, outcome.parent_run_id, sweep, outcome)
+    try:
+        present_summary(client, outcome.tracking_uri, sweep, outcome.parent_run_id)
+    except Exception as err:  # a summary that cannot be drawn must not fail a finished sweep
+        log.warning("MLflow: the sweep's summary could not be written (%s)", err)
+    retrying(lambda: client.set_terminated(outcome.parent_run_id, "FINISHED"), "end sweep run")
 
 
 def _new_tuner(
