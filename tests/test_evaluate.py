@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import real_data_root
 
+from nas import evaluate
 from nas.data import DataNotFoundError, cutout
-from nas.evaluate import EvalConfig, epoch_lr, make_eval_data, network_for, run_evaluation, test_accuracy
+from nas.evaluate import EvalConfig, epoch_lr, make_eval_data, network_for, run_evaluation
 from nas.genotype import PUBLISHED, CellGenotype, Genotype
 from nas.network import EvalCell, EvalNetwork, cell_levels, network_info
 
@@ -152,7 +153,7 @@ def recomputed_error(genotype, config, out) -> float:
     """The test error of the network saved in `out`'s checkpoint, measured again from scratch."""
     model = network_for(genotype, config)
     model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
-    return 100.0 - test_accuracy(model, make_eval_data(config, torch.device("cpu")))[0]
+    return 100.0 - evaluate.test_accuracy(model, make_eval_data(config, torch.device("cpu")))[0]
 
 
 def test_cifar_at_16x16_trains_on_average_pooled_images(monkeypatch, tmp_path):

@@ -35,9 +35,9 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 
 from nas import metrics as m
 from nas.distributed import Group
-from nas.evaluate import CHECKPOINT, RESULT, RESUME_FREE, EvalConfig, run_evaluation
+from nas.evaluate import RESUME_FREE, EvalConfig, run_evaluation
 from nas.genotype import Genotype
-from nas.runtime import Diverged, EpochEvent, load_checkpoint
+from nas.runtime import CHECKPOINT, RESULT, Diverged, EpochEvent, load_checkpoint
 
 from .accelerators import AcceleratorError, effective_precision
 from .config import EvalResourcesConfig, SweepConfig

@@ -175,19 +175,21 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         job.fail(err)
         raise
     tick = time.perf_counter()
-    final, pending = _finish(job, result, method, last, out_dir)
-    final["search_seconds"] = search_seconds
+    final, pending = _finish(job, result, method, last, out_dir, search_seconds)
     overhead += time.perf_counter() - tick
     outcome = TrialOutcome(job.run_id, json.dumps(result.genotype.to_dict()), pending=pending)
     report = outcome.report({**last, **final, "overhead_seconds": overhead})  # without the last checkpoint copy
     _report(report, out_dir / CHECKPOINT, job.pending_file if pending else None)
 
 
-def _finish(job: TrackedJob, result, method: str, last: Mapping[str, Any], out_dir: Path) -> tuple[dict, int]:
+def _finish(
+    job: TrackedJob, result, method: str, last: Mapping[str, Any], out_dir: Path, search_seconds: float
+) -> tuple[dict, int]:
     """A finished search's final metrics, artifacts, cells and description on its run, which ends
     FINISHED; (the final metrics, the calls left pending)."""
     config = result.config
     final, derived = _final_metrics(result)
+    final["search_seconds"] = search_seconds
     # The last epoch already logged the supernet and discretized accuracies and the drop at this
     # step, under the same names; only what differs is logged.
     logged = mlflow_metrics(last)
