@@ -32,6 +32,13 @@ from .runtime import Diverged
 from .search import rederive, run_search
 from .settings import SearchConfig
 
+EXIT_STATUS = """exit status:
+  0    done
+  1    the run diverged (a NaN; the message names the epoch), or failed (a traceback says where)
+  2    refused before training: a bad setting, a missing or broken data file, a checkpoint that
+       cannot be read; the message names the field or the file
+  130  interrupted (Ctrl-C): the same command resumes from the last epoch"""
+
 METRIC_ROWS = (
     ("supernet (mixed ops)", SUPERNET_ACC, None),
     ("discretized, trained edge weights", DISCRETIZED_ACC, DROP),
@@ -50,7 +57,12 @@ def metrics_table(metrics: dict[str, float]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nas", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m nas",
+        description=__doc__,
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     search = sub.add_parser("search", help="run one supernet search (resumes if OUT holds a checkpoint)")
@@ -159,10 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"test error {m[TEST_TOP1_ERROR]:.2f}% (top-5 {m[TEST_TOP5_ERROR]:.2f}%), "
                     f"{m['params'] / 1e6:.2f}M parameters, {m['macs'] / 1e6:.0f}M multiply-adds; results in {args.out}/result.json"
                 )
-    except ConfigError as err:
+    except (ConfigError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (DataNotFoundError, Diverged) as err:
+    except Diverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -30,18 +30,24 @@ class ConfigError(ValueError):
     """A configuration value that is not allowed. `field` is the dotted path, e.g. `model.channels`."""
 
     def __init__(self, field: str, value: Any, allowed: str):
-        self.field = field
+        # A key typed with control characters is shown escaped: the error stays one line.
+        self.field = "".join(c if c.isprintable() else repr(c)[1:-1] for c in field)
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{field or '<config>'}: got {_show(value)}; {allowed}")
+        super().__init__(f"{self.field or '<config>'}: got {_show(value)}; {allowed}")
 
 
 def _show(value: Any) -> str:
+    """The value as typed, cut to one readable line: 80 characters, 300 for a string (a path)."""
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    limit = 300 if isinstance(value, str) else 80
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _join(path: str, key: str) -> str:
+    """`path.key`; a key that is empty, padded or not printable shown quoted (one line, visible)."""
+    if not key or not key.isprintable() or key != key.strip():
+        key = repr(key)
     return f"{path}.{key}" if path else key
 
 
@@ -265,10 +271,18 @@ def load_yaml(path: str) -> dict[str, Any]:
             data = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ConfigError("config", path, "file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError("config", path, f"is not a text file (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise ConfigError("config", path, f"cannot be read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
-        raise ConfigError("config", path, f"is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError("config", path, f"is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("config", path, "expected a YAML mapping at the top level")
+        kind = {list: "a list", str: "a single string"}.get(type(data), f"a {type(data).__name__}")
+        raise ConfigError("config", path, f"expected a YAML mapping of settings (key: value lines), found {kind}")
     return data

@@ -35,6 +35,10 @@ class DataNotFoundError(FileNotFoundError):
     pass
 
 
+class DataError(DataNotFoundError):
+    """A data file that is there but cannot be used (truncated, other arrays, other shapes)."""
+
+
 @dataclass
 class DataConfig:
     dataset: Literal["cifar10", "synthetic"] = "cifar10"
@@ -130,13 +134,40 @@ def resolve_root(root: str | None) -> str:
     return root or os.environ.get(DATA_ROOT_ENV) or "data"
 
 
+NPZ_ARRAYS = {"train.npz": ("x_train", "y_train"), "test.npz": ("x_test", "y_test")}
+
+
 def _from_npz(root: Path) -> tuple[ImageSet, ImageSet]:
-    with np.load(root / "train.npz") as train, np.load(root / "test.npz") as test:
-        sets = (
-            (train["x_train"], train["y_train"]),
-            (test["x_test"], test["y_test"]),
+    return tuple(_npz_set(root / name, *keys) for name, keys in NPZ_ARRAYS.items())  # type: ignore[return-value]
+
+
+def _npz_set(path: Path, images_key: str, labels_key: str) -> ImageSet:
+    """One split's arrays, checked: a file that is not such an array file says which and why."""
+
+    def broken(reason: str) -> DataError:
+        return DataError(
+            f"{path} is not a usable CIFAR-10 array file ({reason}). It must hold uint8 {images_key} of shape "
+            f"(N, 32, 32, 3) and {labels_key} of N labels 0-9 (np.savez); replace it with a good copy, or remove "
+            "train.npz and test.npz to let torchvision download CIFAR-10 (data.download: true)"
         )
-        return tuple(_image_set(x, y) for x, y in sets)  # type: ignore[return-value]
+
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = [k for k in (images_key, labels_key) if k not in arrays.files]
+            if missing:
+                raise broken(f"no array {missing[0]}; it has {', '.join(arrays.files) or 'none'}")
+            images, labels = arrays[images_key], arrays[labels_key]
+    except DataError:
+        raise
+    except Exception as err:  # truncated, not a zip, pickled objects: numpy's many ways of saying it
+        raise broken(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise broken(f"{images_key} is {images.dtype} of shape {images.shape}")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise broken(f"{labels_key} is {labels.dtype} of shape {labels.shape}, for {len(images)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise broken(f"{labels_key} holds labels outside 0-9 ({labels.min()} to {labels.max()})")
+    return _image_set(images, labels)
 
 
 def _image_set(images_hwc: np.ndarray, labels: np.ndarray) -> ImageSet:

@@ -69,7 +69,7 @@ class EvalDataConfig:
 class EvalConfig:
     dataset: Literal["cifar10", "imagenet"] = "cifar10"
     epochs: int = field(default=600, metadata={"min": 1})
-    layers: int = field(default=20, metadata={"min": 3})
+    layers: int = field(default=20, metadata={"min": 3, "max": 200})
     channels: int = field(default=36, metadata={"min": 2})
     # The global batch: with W data-parallel workers each computes batch_size / W of it (nas/distributed.py).
     batch_size: int = field(default=96, metadata={"min": 1})

@@ -9,6 +9,7 @@ other.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -27,8 +28,12 @@ class Diverged(RuntimeError):
     not a fault to retry (it would diverge again)."""
 
 
+log = logging.getLogger(__name__)
+
+
 # The files of a run's output directory: the last epoch's state, and the finished run's result.
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the epoch before, kept in case the last cannot be read
 RESULT = "result.json"
 
 
@@ -113,10 +118,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def save_atomic(state: Mapping[str, Any], path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+def save_atomic(state: Mapping[str, Any], path: Path, keep: Path | None = None) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint. With
+    `keep`, the file it replaces is kept there (the previous good checkpoint)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(dict(state), tmp)
+    if keep is not None and path.exists():
+        os.replace(path, keep)
     os.replace(tmp, path)
 
 
@@ -157,20 +165,46 @@ class RunDirectory:
     what: str  # "search" or "evaluation", for the messages
 
     def stored_result(self) -> dict[str, Any] | None:
-        """result.json of an earlier start of this run (it may have ended before its last epoch)."""
-        if self.path is None or not (self.path / RESULT).exists():
+        """result.json of an earlier start of this run (it may have ended before its last epoch); one
+        that cannot be read is said and left for the last checkpoint to measure again."""
+        path = None if self.path is None else self.path / RESULT
+        if path is None or not path.exists():
             return None
-        stored = json.loads((self.path / RESULT).read_text())
-        check_resumable(stored["config"], self.settings, self.free, self.path / RESULT, self.what)
+        try:
+            stored = json.loads(path.read_text())
+            saved_config = stored["config"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("%s cannot be read (%s); the result is measured again from the last checkpoint", path, err)
+            return None
+        check_resumable(saved_config, self.settings, self.free, path, self.what)
         return stored
 
     def saved_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-        """The last epoch's checkpoint of an earlier start of this run."""
-        if self.path is None or not (self.path / CHECKPOINT).exists():
+        """The last epoch's checkpoint of an earlier start of this run; if it cannot be read, the one
+        before it (kept beside it as checkpoint.prev.pt), said so; if neither, an error naming the
+        file (a run never starts over from scratch on a broken checkpoint without being told)."""
+        if self.path is None:
             return None
-        state = load_checkpoint(self.path / CHECKPOINT, map_location)
-        check_resumable(state["config"], self.settings, self.free, self.path / CHECKPOINT, self.what)
-        return state
+        broken = []
+        for path in (self.path / CHECKPOINT, self.path / PREVIOUS_CHECKPOINT):
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path, map_location)
+            except Exception as err:  # truncated, not a torch file: torch's many ways of saying it
+                broken.append((path, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+                continue
+            check_resumable(state["config"], self.settings, self.free, path, self.what)
+            if broken:
+                log.warning("%s cannot be read (%s); resuming from %s (epoch %d)", *broken[0], path, state["epoch"])
+            return state
+        if broken:
+            path, reason = broken[0]
+            raise ConfigError(
+                "checkpoint", str(path), f"cannot be read ({reason}) and no readable earlier checkpoint is kept "
+                "beside it; remove it (and checkpoint.prev.pt) to start this run over",
+            )  # fmt: skip
+        return None
 
     def end_epoch(
         self,
@@ -179,11 +213,12 @@ class RunDirectory:
         callbacks: Sequence[Callable[[EpochEvent], None]],
         clock: PhaseClock | None = None,
     ) -> None:
-        """The epoch's checkpoint (`state()`, written atomically), then the callbacks with its path."""
+        """The epoch's checkpoint (`state()`, written atomically; the previous one kept as
+        checkpoint.prev.pt), then the callbacks with its path."""
         if self.path is not None:
             self.path.mkdir(parents=True, exist_ok=True)
             event.checkpoint_path = self.path / CHECKPOINT
-            save_atomic(state(), event.checkpoint_path)
+            save_atomic(state(), event.checkpoint_path, keep=self.path / PREVIOUS_CHECKPOINT)
             if clock is not None:
                 clock.lap("checkpoint")
         for callback in callbacks:

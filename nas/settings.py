@@ -45,8 +45,8 @@ RESUME_FREE = (
 @dataclass
 class ModelConfig:
     channels: int = field(default=16, metadata={"min": 2})
-    cells: int = field(default=8, metadata={"min": 1})
-    nodes: int = field(default=4, metadata={"min": 1})
+    cells: int = field(default=8, metadata={"min": 1, "max": 100})  # bounded: the space is built to validate
+    nodes: int = field(default=4, metadata={"min": 1, "max": 16})
     stem_multiplier: int = field(default=3, metadata={"min": 1})
 
 
@@ -136,7 +136,7 @@ class SearchConfig:
         preset comes from the argument, else the file's `preset:`. `data_root` wins over data.root."""
         raw = cfg.file_with_overrides(file, overrides)
         preset = preset or raw.get("preset")
-        if preset is not None and preset not in PRESETS:
+        if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
             raise ConfigError("preset", preset, f"expected one of {', '.join(PRESETS)}")
         merged = cfg.deep_merge(PRESETS.get(preset, {}), raw)
         if preset is not None:

@@ -122,6 +122,7 @@ def evaluate(args):
     from tuning import preflight
     from tuning.config import EvaluateConfig
     from tuning.evaluation import EvaluationJob, changed_settings_of, existing_run, run_jobs
+    from tuning.job import faults
     from tuning.storage import check_every_node_sees, open_storage
     from tuning.sweep import _init_ray, install_sigterm_as_interrupt
     from tuning.tracking import client_for, ensure_experiment, local_artifact_root, resolve_tracking_uri
@@ -159,7 +160,7 @@ def evaluate(args):
     job = EvaluationJob(
         eval_id=name, trial_id=name, trial_run_id=None, dataset=args.dataset, genotype=genotype.to_dict(),
         settings=settings, store=storage / "evaluations" / name, tracking_uri=tracking_uri,
-        experiment_id=experiment_id, sweep=args.experiment, resources=stage.resources,
+        experiment_id=experiment_id, sweep=args.experiment, resources=stage.resources, faults=faults(),
     )  # fmt: skip
     earlier = existing_run(job)
     if earlier is not None and (changed := changed_settings_of(job, earlier)):

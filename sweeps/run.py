@@ -8,13 +8,17 @@ python sweeps/run.py SWEEP.yaml --address auto   # on a Ray cluster's head (ray 
 exit status:
   0    every trial (and evaluation) finished; a trial or evaluation that diverged finished with
        that result
-  2    refused before any trial started: a bad sweep setting, missing data, resources that no
-       node of the cluster (present, or addable by its autoscaler) offers, or an --address where
-       no Ray cluster answers; the message names the field
+  2    refused before any trial started: a bad sweep setting, a missing or broken data or sweep
+       file, storage that cannot be written, resources that no node of the cluster (present, or
+       addable by its autoscaler) offers, an --address where no Ray cluster answers, a driver
+       already running this sweep, or a damaged study journal on --resume; the message names the
+       field or the file
   3    finished, but MLflow did not take some logging calls (unreachable); they are kept, and
        `--resume` sends them
   4    finished, but trials or evaluations errored; the summary lists each with its reason
        (`--resume` runs the errored trials again)
+  5    stopped: its storage cannot take another checkpoint (a full disk); nothing written is lost,
+       and `--resume` finishes the sweep once there is room
   130  interrupted (Ctrl-C or SIGTERM): the state is saved; `--resume` finishes the sweep
   1    the driver itself failed (a traceback says where)
 """
@@ -28,7 +32,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXIT_OK, EXIT_REFUSED, EXIT_PENDING, EXIT_ERRORED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_OK, EXIT_REFUSED, EXIT_PENDING, EXIT_ERRORED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 from nas import metrics as m  # noqa: E402
@@ -144,6 +148,13 @@ def main(argv=None) -> int:
         print(f"\n{len(failures)} errored:", file=sys.stderr)
         for name, reason in failures:
             print(f"  {name}: {reason}", file=sys.stderr)
+    if outcome.stopped:
+        print(
+            f"\nThe sweep stopped: {outcome.stopped}. Nothing written is lost; make room there, then finish it "
+            f"with:  python sweeps/run.py {args.sweep} --resume",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     if outcome.interrupted:
         print(
             f"\nThe sweep was interrupted. Finish it with:  python sweeps/run.py {args.sweep} --resume", file=sys.stderr

@@ -61,6 +61,6 @@ def test_missing_data_names_the_path_and_both_options(tmp_path):
         "--set",
         "epochs=1",
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
     assert str(tmp_path / "nodata") in line and "train.npz" in line and "download" in line

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import descendants, processes_named, real_data_root, tiny_search_config, tiny_sweep_config, tool
+from conftest import descendants, real_data_root, tiny_search_config, tiny_sweep_config, tool
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -122,16 +121,11 @@ class LocalCluster:
     def processes(self, name: str) -> set[int]:
         return descendants(self.nodes[name].pid)
 
-    def node_running(self, process: str, cwd_part: str = "") -> str | None:
-        """The node with a process named `process` whose working directory contains `cwd_part`."""
-        for name in self.nodes:
-            for pid in processes_named(process) & self.processes(name):
-                try:
-                    if cwd_part in os.readlink(f"/proc/{pid}/cwd"):
-                        return name
-                except OSError:
-                    continue
-        return None
+    def node_of(self, pid: int) -> str:
+        """The node a process belongs to."""
+        found = [name for name in self.nodes if pid in self.processes(name)]
+        assert found, f"no node runs process {pid}"
+        return found[0]
 
     def kill(self, name: str) -> None:
         """The node lost: its raylet, workers and everything else of it, at once."""
@@ -218,14 +212,28 @@ def write_sweep(cluster: LocalCluster, name: str, epochs: int = 3, **changes) ->
     return path
 
 
-def driver(cluster: LocalCluster, sweep: Path, *extra: str) -> subprocess.Popen:
-    """`sweeps/run.py` on the head, started in the head's working directory."""
+def driver(cluster: LocalCluster, sweep: Path, *extra: str, faults: str = "") -> subprocess.Popen:
+    """`sweeps/run.py` on the head, started in the head's working directory, with `faults` to inject
+    (NAS_FAULT, tuning/job.py)."""
     cwd = cluster.disk / "head"
     cwd.mkdir(exist_ok=True)
     return subprocess.Popen(
         [*RUN, str(sweep), "--address", cluster.address, *extra],
-        cwd=cwd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=cwd, env={**cluster.env, "NAS_FAULT": faults}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
     )  # fmt: skip
+
+
+def fault_marker(cluster: LocalCluster, name: str) -> Path:
+    """Where a paused job writes its pid: outside the nodes' private disks, so every node sees it."""
+    folder = cluster.root / "faults"
+    folder.mkdir(exist_ok=True)
+    return folder / name
+
+
+def paused(what: str, marker: Path, process: subprocess.Popen) -> int:
+    """The pid of the job paused at `marker`'s fault, once it is there."""
+    return int(wait_for(what, lambda: marker.exists() and marker.read_text().strip(), process))
 
 
 def s3_keys(cluster: LocalCluster, prefix: str) -> list[str]:
@@ -254,21 +262,6 @@ def wait_for(what, check, process: subprocess.Popen, timeout: float = 300):
             raise AssertionError(f"the driver ended before {what}: {process.stdout.read()}")
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def trial_dir_with(keys: list[str], pattern: str) -> str | None:
-    """The trial directory of the first key matching `pattern` (e.g. a trial's second checkpoint)."""
-    for key in keys:
-        if re.search(pattern, key):
-            return key.split("/")[2]
-    return None
-
-
-def kill_node_of_trial(cluster: LocalCluster, trial_dir: str) -> str:
-    node = cluster.node_running("ray::ImplicitFunc", trial_dir)
-    assert node is not None and node.startswith("worker"), f"no node runs {trial_dir}"
-    cluster.kill(node)
-    return node
 
 
 def uninterrupted(sweep_file: Path, params: dict) -> tuple[dict, float]:
@@ -308,15 +301,20 @@ def test_s3_storage_survives_a_lost_node_a_lost_driver_and_a_moved_evaluation(cl
         cluster, "s3", storage=f"s3://{BUCKET}/sweeps", space={"preset": {"choices": ["da2s"]}, "seed": seeds},
         sampler={"type": "tpe", "seed": 3}, num_samples=3, concurrency=2, evaluate=evaluate,
     )  # fmt: skip
-    first = driver(cluster, sweep)
+    trial_fault, evaluation_fault = fault_marker(cluster, "s3-trial"), fault_marker(cluster, "s3-evaluation")
+    # A trial stopped right after its 2nd epoch's metrics reached MLflow, before Ray has its 2nd
+    # checkpoint; the evaluation right after its 1st checkpoint reached the bucket, before its metrics.
+    faults = (
+        f"trial.after-epoch-metrics@2:pause:{trial_fault};evaluation.before-epoch-metrics@1:pause:{evaluation_fault}"
+    )
+    first = driver(cluster, sweep, faults=faults)
     try:
-        # 1. A worker node lost right after a trial saved its 2nd epoch: a new node replaces it.
-        trial_dir = wait_for(
-            "a 2nd epoch checkpoint",
-            lambda: trial_dir_with(s3_keys(cluster, prefix), r"/checkpoint_000001/checkpoint\.pt$"),
-            first,
-        )
-        killed = kill_node_of_trial(cluster, trial_dir)
+        # 1. The node of that trial lost at that moment: a new node replaces it.
+        pid = paused("a trial between its 2nd epoch's metrics and checkpoint", trial_fault, first)
+        trial_dir = os.readlink(f"/proc/{pid}/cwd")  # the trial's working directory, named after it
+        killed = cluster.node_of(pid)
+        assert killed.startswith("worker")
+        cluster.kill(killed)
         cluster.wait_started(cluster.add_worker())
         (trial_id,) = [
             r.data.tags["trial_id"] for r in runs(cluster, "s3", "trial") if r.data.tags["trial_id"] in trial_dir
@@ -340,12 +338,14 @@ def test_s3_storage_survives_a_lost_node_a_lost_driver_and_a_moved_evaluation(cl
     journal.unlink()
     before = {r.data.tags["trial_id"]: r for r in runs(cluster, "s3", "trial") if r.info.status == "FINISHED"}
 
-    # 3. Resumed from the same storage; its evaluation stage loses its node after the 1st epoch.
-    second = driver(cluster, sweep, "--resume")
+    # 3. Resumed from the same storage; its evaluation stage loses its node between its 1st epoch's
+    # checkpoint and metrics.
+    second = driver(cluster, sweep, "--resume", faults=faults)
     try:
-        wait_for("an evaluation checkpoint", lambda: s3_keys(cluster, f"{prefix}/evaluations/"), second)
-        evaluating = cluster.node_running("ray::evaluate_one")
-        assert evaluating is not None
+        evaluating = cluster.node_of(
+            paused("an evaluation between its 1st checkpoint and metrics", evaluation_fault, second)
+        )
+        assert evaluating.startswith("worker") and s3_keys(cluster, f"{prefix}/evaluations/")
         cluster.kill(evaluating)
         replacement = cluster.add_worker()
         output, _ = second.communicate(timeout=400)
@@ -379,7 +379,8 @@ def test_s3_storage_survives_a_lost_node_a_lost_driver_and_a_moved_evaluation(cl
     assert len(complete) == 3 and not [t for t in study.trials if t.state.name == "RUNNING"]
     assert sorted(str(t.params["seed"]) for t in complete) == sorted(r.data.params["seed"] for r in finished)
 
-    # The evaluation continued on another node from its last epoch checkpoint in S3.
+    # The evaluation continued on another node from its last epoch checkpoint in S3; the 1st epoch's
+    # metrics, lost with the node, were sent from that checkpoint's history.
     (evaluation,) = runs(cluster, "s3", "evaluation")
     assert evaluation.info.status == "FINISHED" and evaluation.data.tags.get("resumed") == "true"
     assert steps(cluster, evaluation, "error/test_top1") == [1, 2]
@@ -394,30 +395,29 @@ def test_shared_directory_storage_survives_a_lost_node_and_a_lost_driver(cluster
     cluster.ensure_workers(2)
     storage = cluster.root / "shared" / "ray"  # not covered by the workers' private disks
     sweep = write_sweep(cluster, "nfs", storage=str(storage), concurrency=1)  # darts, then da2s
-    first = driver(cluster, sweep)
+    # The first trial stopped twice right after its 2nd epoch's metrics reached MLflow, before Ray
+    # has its 2nd checkpoint: its node is lost the first time, the driver the second.
+    node_fault, driver_fault = fault_marker(cluster, "nfs-node"), fault_marker(cluster, "nfs-driver")
+    faults = f"trial.after-epoch-metrics@2:pause:{node_fault};trial.after-epoch-metrics@2:pause:{driver_fault}"
+    first = driver(cluster, sweep, faults=faults)
     try:
-
-        def second_epoch_saved():
-            found = [p.parent.parent.name for p in (storage / "nfs").glob("*/checkpoint_000001/checkpoint.pt")]
-            return found[0] if found else None
-
-        trial_dir = wait_for("a 2nd epoch checkpoint", second_epoch_saved, first)
-        kill_node_of_trial(cluster, trial_dir)
+        pid = paused("the trial between its 2nd epoch's metrics and checkpoint", node_fault, first)
+        trial_dir = os.readlink(f"/proc/{pid}/cwd")  # the trial's working directory, named after it
+        node = cluster.node_of(pid)
+        assert node.startswith("worker")
+        cluster.kill(node)
         replacement = cluster.add_worker()
-
-        def restored_and_next_saved():  # the lost trial finished; the next one saved its 1st epoch
-            trials = runs(cluster, "nfs", "trial")
-            done = [r for r in trials if r.info.status == "FINISHED"]
-            saved = {p.parent.name for p in (storage / "nfs").glob("*/checkpoint_*")}
-            return len(done) == 1 and done[0].data.tags["trial_id"] in trial_dir and len(saved) == 2
-
-        wait_for("the restored trial's end", restored_and_next_saved, first)
+        # Restored on another node from its 1st checkpoint, it stops there again: the driver is lost.
+        again = paused("the restored trial at the same point", driver_fault, first)
+        assert again != pid
         first.kill()
         first.communicate()
         cluster.wait_started(replacement)
     finally:
         if first.poll() is None:
             first.kill()
+    lock = storage / "nfs" / "driver.lock"
+    assert json.loads(lock.read_text())["pid"] == first.pid  # left by the killed driver: it must not block
 
     second = driver(cluster, sweep, "--resume")
     output, _ = second.communicate(timeout=400)
@@ -428,11 +428,10 @@ def test_shared_directory_storage_survives_a_lost_node_and_a_lost_driver(cluster
     assert all(r.data.tags.get("lost") for r in trials if r.info.status != "FINISHED")
     assert not [r for r in runs(cluster, "nfs") if r.info.status == "RUNNING"]
     restored = next(r for r in finished if r.data.tags["trial_id"] in trial_dir)
-    assert restored.data.tags.get("resumed") == "true" and steps(cluster, restored, mlflow_name("valid_acc")) == [
-        1,
-        2,
-        3,
-    ]
+    assert restored.data.tags.get("resumed") == "true"
+    for metric in ("valid_acc", "discretized_acc", "train_loss"):  # its 2nd epoch computed 3 times, logged once
+        assert steps(cluster, restored, mlflow_name(metric)) == [1, 2, 3], metric
+    assert not lock.exists()  # the resumed driver took it over and removed it at its end
     study = optuna.load_study(
         study_name="nfs", storage=JournalStorage(JournalFileBackend(str(storage / "nfs" / "optuna.journal")))
     )
@@ -449,14 +448,17 @@ SHORT = {"epochs": 3, "layers": 5, "channels": 8, "batch_size": 32, "data.subset
          "device": "cpu", "data.synthetic": real_data_root() is None, "data.download": False}  # fmt: skip
 
 
-def evaluation_driver(cluster: LocalCluster, *arguments: str, settings: dict | None = None) -> subprocess.Popen:
+def evaluation_driver(
+    cluster: LocalCluster, *arguments: str, settings: dict | None = None, faults: str = ""
+) -> subprocess.Popen:
     """`sweeps/evaluate.py` on the head, tracked by the cluster's MLflow server."""
     cwd = cluster.disk / "head"
     cwd.mkdir(exist_ok=True)
     sets = [f"--set={k}={v}" for k, v in (settings or {}).items()]
     return subprocess.Popen(
         [*EVALUATE, *arguments, *sets, "--address", cluster.address, "--tracking-uri", cluster.tracking_uri],
-        cwd=cwd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=cwd, env={**cluster.env, "NAS_FAULT": faults}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
     )  # fmt: skip
 
 
@@ -471,17 +473,19 @@ def _straight(out: str, settings: dict) -> None:
 
 
 def test_data_parallel_evaluation_continues_after_a_lost_node(cluster, tmp_path):
-    """Two gloo workers on two nodes; the node of one of them is lost once the first epoch's
-    checkpoint is in S3: Ray Train restarts the group (on a new node) from that checkpoint."""
+    """Two gloo workers on two nodes; the node of worker 0 is lost between the first epoch's
+    checkpoint reaching S3 and its metrics reaching MLflow: Ray Train restarts the group (on a new
+    node) from that checkpoint, and the first epoch's metrics are sent from its history."""
     cluster.ensure_workers(2)
+    marker = fault_marker(cluster, "data-parallel")
     first = evaluation_driver(
-        cluster, "darts_v2", "--workers", "2", "--storage", f"s3://{BUCKET}/evals", "--name", "lost", settings=SHORT
-    )
+        cluster, "darts_v2", "--workers", "2", "--storage", f"s3://{BUCKET}/evals", "--name", "lost", settings=SHORT,
+        faults=f"evaluation.before-epoch-metrics@1:pause:{marker}",
+    )  # fmt: skip
     try:
-        key = "evals/evaluations/lost/checkpoint.pt"
-        wait_for("the first epoch's checkpoint", lambda: key in s3_keys(cluster, "evals/"), first)
-        node = cluster.node_running("ray::RayTrainWorker")
-        assert node is not None and node.startswith("worker")
+        node = cluster.node_of(paused("worker 0 between its 1st checkpoint and metrics", marker, first))
+        assert node.startswith("worker")
+        assert "evals/evaluations/lost/checkpoint.pt" in s3_keys(cluster, "evals/")
         cluster.kill(node)
         replacement = cluster.add_worker()
         output, _ = first.communicate(timeout=400)

@@ -211,6 +211,19 @@ def test_grid_size_is_the_default_number_of_trials():
     assert SweepConfig.from_dict(data).num_samples == 6
 
 
+def test_a_space_that_chooses_epochs_gives_each_trial_its_own_length():
+    # ASHA's last rung is the longest trial's; each trial's progress line counts its own epochs
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["space"]["epochs"] = {"choices": [3, 5], "when": {"preset": "da2s"}}
+    sweep = SweepConfig.from_dict(data)
+    assert sweep.max_epochs() == 5
+    assert sweep.resolve_trial({"preset": "darts"}).epochs == 2
+    assert sweep.resolve_trial({"preset": "da2s", "epochs": 5}).epochs == 5
+    data["space"]["epochs"] = {"low": 1, "high": 7, "type": "int"}
+    assert SweepConfig.from_dict(data).max_epochs() == 7
+    assert SweepConfig.from_dict(BASE).max_epochs() == 2
+
+
 def test_conditional_parameters_follow_their_condition():
     sweep = SweepConfig.from_dict(
         {

@@ -1,13 +1,16 @@
 """A sweep interrupted twice, first with SIGTERM (handled as Ctrl-C; its evaluation stage does not
 start) and then by a SIGKILL of its driver, and finished with --resume each time: every trial ends exactly once (no finished trial
 repeated, no duplicate trial run, no run left RUNNING), and Optuna's study and sampler state carry
-over. All of it beside a stale Ray address file (a cluster stopped uncleanly): without --address
+over. A second driver started on the sweep while one runs is refused, and the lock a killed driver
+leaves does not block --resume. All of it beside a stale Ray address file (a cluster stopped uncleanly): without --address
 the driver starts its own Ray each time."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -97,11 +100,23 @@ def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     before = finished_trials(db)
     assert len(before) >= 1
 
+    lock = tmp_path / "runs" / "ray" / "resume" / "driver.lock"
+    assert not lock.exists()  # released by the interrupted driver
+
     # 2. Resumed, then the driver SIGKILLed once another trial has finished: nothing gets to clean up.
+    # While it runs, a second `--resume` on the same sweep is refused, naming it.
     driver = run_until([*command, "--resume"], db, len(before) + 1, env, tmp_path)
+    holder = json.loads(lock.read_text())
+    second = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    refusal = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(refusal) == 1 and "this sweep's driver is running" in refusal[0], second.stderr
+    assert f"host {socket.gethostname()}, pid {driver.pid}, started {holder['started']}" in refusal[0]
+    assert driver.poll() is None  # the first driver runs on, undisturbed
     ray_processes = descendants(driver.pid)
     driver.kill()
     driver.communicate()
+    assert json.loads(lock.read_text())["pid"] == driver.pid  # left behind: it must not block what follows
     # The trial workers die with the driver (within seconds; polled, as a loaded machine is slower);
     # Ray's agents outlive it but do no trial work.
     deadline = time.time() + 30
@@ -116,6 +131,7 @@ def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     # 3. Resumed again: it runs to the end.
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert not lock.exists()
 
     runs = all_runs(db)
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"]

@@ -297,6 +297,16 @@ class SweepConfig:
     def resolve_trial(self, params: Mapping[str, Any]) -> SearchConfig:
         return SearchConfig.resolve(file=self.trial_search_dict(params))
 
+    def max_epochs(self) -> int:
+        """The most epochs any trial can run: `search.epochs`, or the largest value the space can
+        give `epochs` (ASHA's last rung)."""
+        epochs = self.base_search().epochs
+        spec = self.space.get("epochs")
+        if spec is not None:
+            values = spec.choices if spec.choices is not None else (spec.high,)
+            epochs = max([epochs, *(int(v) for v in values if v is not None)])
+        return epochs
+
     def base_search(self) -> SearchConfig:
         """The fixed settings (`search:`) as a SearchConfig, resolved once; the driver reads the
         epochs, the levels and the method label from it. Not to be changed by the caller."""

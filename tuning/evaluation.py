@@ -41,10 +41,10 @@ from nas.runtime import CHECKPOINT, RESULT, Diverged, EpochEvent, load_checkpoin
 
 from .accelerators import AcceleratorError, effective_precision
 from .config import EvalResourcesConfig, SweepConfig
-from .job import TrackedJob, TrialOutcome
+from .job import TrackedJob, TrialOutcome, faults
 from .names import EVAL_METRIC_NAMES, eval_mlflow_metrics, eval_report_names
 from .storage import Storage
-from .tracked_run import PENDING_FILE, TrackedRun
+from .tracked_run import PENDING_FILE
 from .tracking import client_for, find_run, params_of
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class EvaluationJob:
     experiment_id: str
     sweep: str
     resources: EvalResourcesConfig
+    faults: str = ""  # faults to inject (tuning/job.py), from the driver's NAS_FAULT
 
 
 @dataclass
@@ -105,17 +106,9 @@ def _working_dir(store: Storage) -> Iterator[Path]:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def _send_missing_epochs(run: TrackedRun, out_dir: Path) -> None:
-    """Epochs whose checkpoint was saved but whose metrics never reached MLflow (the process died in
-    between, or its queue was lost with it): sent from the checkpoint's history, each once."""
-    checkpoint = out_dir / CHECKPOINT
-    if not checkpoint.exists():
-        return
-    history = load_checkpoint(checkpoint)["history"]
-    logged = {m.step for m in run.client.get_metric_history(run.run_id, EPOCH_MARKER)}
-    for record in history:
-        if record["epoch"] not in logged:
-            run.log_epoch(eval_mlflow_metrics({k: v for k, v in record.items() if k != "epoch"}), record["epoch"])
+def _epoch_mlflow_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """An epoch of a checkpoint's history as its MLflow metrics, as on_epoch logged them."""
+    return eval_mlflow_metrics({k: v for k, v in record.items() if k != "epoch"})
 
 
 def _evaluate(job: EvaluationJob, out_dir: Path | None) -> EvaluationSummary:
@@ -133,7 +126,8 @@ def _evaluate(job: EvaluationJob, out_dir: Path | None) -> EvaluationSummary:
             (job.store / PENDING_FILE).upload(path)
 
     tracked = TrackedJob("evaluation", "eval_id", job.eval_id, job.tracking_uri, job.experiment_id,
-                         job.trial_run_id, out_dir or Path("."), keep_pending)  # fmt: skip
+                         job.trial_run_id, out_dir or Path("."), keep_pending, marker=EPOCH_MARKER,
+                         faults=job.faults)  # fmt: skip
     threads = tracked.claim(job.resources.gpu, job.resources.cpu, config.device)
     problem = next((p for p in group.gather(str(tracked.problem) if tracked.problem else None) if p), None)
     tracked.problem = tracked.problem or (AcceleratorError(problem) if problem else None)
@@ -153,8 +147,8 @@ def _evaluate(job: EvaluationJob, out_dir: Path | None) -> EvaluationSummary:
         try:
             if tracked.open(f"eval-{job.dataset}-{job.trial_id}", params_of(config.to_dict(), extras), tags):
                 finished = eval_report_names(tracked.run.client.get_run(tracked.run_id).data.metrics)
-            else:
-                _send_missing_epochs(tracked.run, out_dir)
+            elif (out_dir / CHECKPOINT).exists():  # epochs whose checkpoint was stored but metrics lost
+                tracked.resend(load_checkpoint(out_dir / CHECKPOINT)["history"], _epoch_mlflow_metrics)
         except AcceleratorError:
             pass  # its run holds the reason; every worker returns it below
     if problem:
@@ -279,6 +273,7 @@ def run_evaluation_stage(
             experiment_id=experiment_id,
             sweep=sweep.name,
             resources=stage.resources,
+            faults=faults(),
         )
         for t in select_trials(sweep, trials)
         for dataset in stage.datasets

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,7 +296,8 @@ def check_devices(sweep) -> None:
 
 def check_before_ray(sweep, base: Path, storage: Storage, experiment_dir: Storage, search: dict[str, Any],
                      resume: bool, local: bool) -> None:  # fmt: skip
-    """Every check that needs no Ray and writes nothing: a refused sweep leaves no trace."""
+    """Every check that needs no Ray; what they try (writing to the storage) is removed again: a
+    refused sweep leaves no trace."""
     storage.check_reachable()
     check_output(experiment_dir, resume)
     if storage.local_path is not None:
@@ -342,13 +344,28 @@ def check_output(experiment_dir: Storage, resume: bool) -> None:
 
 
 def check_writable(path: Path, name: str) -> None:
-    """`path` could be created and written; checked without creating anything."""
+    """`path` can be created and written: tried for real (a directory made and a file written in
+    it, root's permissions and read-only or pseudo filesystems included), and everything the try
+    created removed again, so a refused sweep leaves no trace."""
     existing = path
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        reason = "is not a directory" if not existing.is_dir() else "is not writable"
-        raise ConfigError(name, str(path), f"cannot be written ({existing} {reason}); choose a writable location")
+    if not existing.is_dir():
+        raise ConfigError(
+            name, str(path), f"cannot be written ({existing} is not a directory); choose a writable location"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(name, str(path), f"cannot be written ({reason}); choose a writable location") from None
+    finally:
+        created = path
+        while created != existing and created.exists() and not any(created.iterdir()):
+            created.rmdir()
+            created = created.parent
 
 
 def sqlite_path(uri: str, base: Path) -> Path | None:

@@ -11,8 +11,12 @@ and Optuna trials that their trials left open.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import pickletools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from nas.config import ConfigError
 from nas.environment import environment
 
 from .config import SweepConfig
+from .driver_lock import LOCK_FILE
 from .storage import Storage
 from .tracked_run import PENDING_FILE, replay_pending
 from .tracking import environment_of, environment_tags, log_params, params_of, redact, retrying
@@ -34,7 +39,7 @@ PARENT_RUN_FILE = "mlflow_parent_run_id"
 OPTUNA_JOURNAL = "optuna.journal"
 JOURNAL_PATH_FILE = "optuna_journal_path"  # object stores: where the driver keeps the study's journal
 # What a sweep's directory may hold before its first Ray state (a refused or crashed start).
-LEFTOVERS = frozenset({PARENT_RUN_FILE, OPTUNA_JOURNAL, JOURNAL_PATH_FILE})
+LEFTOVERS = frozenset({PARENT_RUN_FILE, OPTUNA_JOURNAL, JOURNAL_PATH_FILE, LOCK_FILE})
 
 
 def parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: Storage, resume: bool) -> str:
@@ -183,12 +188,90 @@ def prepare_resume(client, experiment_id: str, sweep: SweepConfig, base: Path, e
     """Before a resumed sweep's Tuner: pending MLflow calls sent, the Optuna journal back on this
     driver's disk if it is new, and the runs of trials lost with the last driver ended."""
     replay_all_pending(experiment_dir)
-    journal_path(sweep, base, experiment_dir, resume=True)
+    if experiment_dir.local_path is not None:
+        repair_ray_state(experiment_dir.local_path, sweep.name)
+    check_journal(journal_path(sweep, base, experiment_dir, resume=True))
     lost = end_lost_trials(client, experiment_id, sweep.name, known_trial_ids(experiment_dir))
     if lost:
         log.warning(
             "%d trials had started after the sweep's last saved state; their runs are marked KILLED (lost)", lost
         )
+
+
+# Ray Tune's driver state in a sweep's directory, each written whole on the driver's own disk first
+# (its session's `artifacts/<start>/<name>/driver_artifacts/`) and then copied there.
+RAY_STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl", "tuner.pkl")
+
+
+def readable(path: Path) -> bool:
+    """Whether a file of Ray's state (JSON, or a pickle whatever its name says) reads to its end; a
+    pickle is walked, not run."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        pass
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except ValueError:
+        return False
+    return bool(data)
+
+
+def repair_ray_state(directory: Path, name: str, ray_temp: Path | None = None) -> list[tuple[Path, Path]]:
+    """Ray Tune's state files in a sweep's directory that a full disk cut short, replaced by the
+    whole copy the driver that wrote them kept on its own disk (found under Ray's temp folder on this
+    machine). Returns (file, copy) for each one replaced; a cut file with no whole copy stops the
+    resume naming it (Ray cannot restore the sweep past it)."""
+    ray_temp = ray_temp or Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    repaired = []
+    for pattern in RAY_STATE_FILES:
+        for path in sorted(directory.glob(pattern)):
+            if readable(path):
+                continue
+            copies = ray_temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{path.name}")
+            whole = sorted((c for c in copies if readable(c)), key=lambda c: c.stat().st_mtime)
+            if not whole:
+                raise ConfigError(
+                    "--resume", path.name,
+                    f"Ray's saved state of the sweep, {path}, is cut short (a full disk?) and this machine holds "
+                    "no whole copy of it; the sweep cannot be resumed: start it again under another name (its "
+                    "finished trials stay in MLflow)",
+                )  # fmt: skip
+            shutil.copyfile(whole[-1], path)
+            repaired.append((path, whole[-1]))
+            log.warning("Ray's saved state %s was cut short (a full disk?); restored from its copy %s", path, whole[-1])
+    return repaired
+
+
+def check_journal(path: Path) -> None:
+    """Optuna's study journal, read line by line before the sweep resumes on it: a line that is not
+    a journal entry, followed by others, stops the resume naming the file and the line (Optuna
+    itself skips only a last line cut short by a crash, which is what a killed driver leaves)."""
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        lines = handle.readlines()
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines)
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or "op_code" not in entry:
+                raise ValueError("not a journal entry")
+        except ValueError as err:
+            if last and not line.endswith(b"\n"):
+                return  # a write cut short: Optuna leaves it out
+            raise ConfigError(
+                "--resume", path.name,
+                f"Optuna's study journal {path} is damaged at line {number} of {len(lines)} ({err}); the study cannot be "
+                "read past it. Keep a copy, then cut the file before that line to resume with the trials logged "
+                "up to there (later trials run again), or start the sweep under another name",
+            ) from None  # fmt: skip
 
 
 def close_interrupted(client, experiment_id: str, sweep_name: str, parent_run_id: str) -> None:

@@ -20,14 +20,14 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from nas import metrics as m
 from nas.data import resolve_root
 
 from . import preflight, recovery
+from .callbacks import ProgressPrinter, RunFinalizer, StorageWatch, drop_cut_errors
 from .config import SweepConfig
+from .driver_lock import DriverLock
 from .evaluation import run_evaluation_stage
-from .job import TrialOutcome
-from .names import FAILURE_TAG
+from .job import TrialOutcome, faults
 from .presentation import present_experiment
 from .space import make_searcher
 from .storage import Storage, open_storage
@@ -35,7 +35,6 @@ from .summary import present_summary
 from .tracking import (
     client_for,
     ensure_experiment,
-    find_run,
     local_artifact_root,
     log_metrics,
     resolve_tracking_uri,
@@ -44,88 +43,6 @@ from .tracking import (
 from .trainable import TrialSettings, search_trial
 
 log = logging.getLogger(__name__)
-
-
-class RunFinalizer(tune.Callback):
-    """Driver side: ends the MLflow runs that their trials could not end themselves."""
-
-    def __init__(self, tracking_uri: str, experiment_id: str):
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-
-    def _run(self, trial):
-        client = client_for(self.tracking_uri)
-        return client, find_run(client, self.experiment_id, {"trial_id": trial.trial_id})
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "FINISHED", {"early_stopped": "true"}, only_if_unfinished=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "FAILED", {FAILURE_TAG: _error_text(trial)[:5000]})
-
-    def _end(self, trial, status: str, tags: dict[str, str], only_if_unfinished: bool = False) -> None:
-        # Best effort: the sweep must go on while MLflow is away; the end of the sweep reconciles.
-        try:
-            client, run = self._run(trial)
-            if run is None or run.info.status != "RUNNING":
-                return
-            if only_if_unfinished and TrialOutcome.read(trial.last_result).pending:
-                return  # the trial finished; its last calls wait in a pending file
-            for k, v in tags.items():
-                client.set_tag(run.info.run_id, k, v)
-            client.set_terminated(run.info.run_id, status)
-        except Exception as err:
-            log.warning("MLflow: could not end the run of trial %s now (%s); the sweep's end will", trial.trial_id, err)
-
-
-class ProgressPrinter(tune.Callback):
-    """One line per trial event on the driver's log: start, each epoch, end, failure, retry."""
-
-    def __init__(self, epochs: int):
-        self.epochs = epochs
-
-    @staticmethod
-    def _name(trial) -> str:
-        settings = ", ".join(f"{k}={v}" for k, v in (trial.config or {}).items())
-        return f"{trial.trial_id} ({settings})"
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        log.info("started   %s", self._name(trial))
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "epoch" in result and m.VALID_ACC in result:
-            log.info(
-                "%s epoch %d/%d: supernet %.2f%%, discretized %.2f%% (%.0fs)",
-                trial.trial_id, result["epoch"], self.epochs, result[m.VALID_ACC],
-                result.get(m.DISCRETIZED_ACC, float("nan")), result.get(m.SECONDS, float("nan")),
-            )  # fmt: skip
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        outcome = TrialOutcome.read(result)
-        if outcome.diverged:
-            log.warning("diverged  %s: %s", self._name(trial), outcome.failure)
-        elif m.SUPERNET_ACC in result:
-            log.info(
-                "finished  %s: supernet %.2f%%, discretized %.2f%%, drop %.2f",
-                self._name(trial), result[m.SUPERNET_ACC], result[m.DISCRETIZED_ACC], result[m.DROP],
-            )  # fmt: skip
-        else:
-            log.info("stopped   %s by the scheduler", self._name(trial))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        log.warning("failed    %s: %s", self._name(trial), _error_text(trial))
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        log.warning("retrying  %s from its last checkpoint: its process failed", self._name(trial))
-
-
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and os.path.exists(path):
-        lines = Path(path).read_text(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "trial failed"
-    return "the trial's process failed"
 
 
 @dataclass
@@ -147,6 +64,7 @@ class SweepOutcome:
     trials: list[TrialSummary] = field(default_factory=list)
     evaluations: list = field(default_factory=list)
     interrupted: bool = False
+    stopped: str | None = None  # why the sweep stopped before its end (its storage full), if it did
     # MLflow calls that could not be sent (server unreachable): (pending file, count)
     pending: list = field(default_factory=list)
 
@@ -231,6 +149,21 @@ def run_sweep(
     experiment_dir = storage / sweep.name
     search = _resolved_search(sweep, base)
     preflight.check_before_ray(sweep, base, storage, experiment_dir, search, resume, local=address is None)
+    faults()  # a fault to inject that is misspelt is refused here, not ignored
+    lock = DriverLock(experiment_dir)  # one driver per sweep, here or on another machine
+    lock.acquire("--resume" if resume else "name")
+    try:
+        return _drive(sweep, resume, address, base, cluster_config, storage, experiment_dir, search)
+    finally:
+        lock.release()
+
+
+def _drive(
+    sweep: SweepConfig, resume: bool, address: str | None, base: Path, cluster_config: str | None, storage: Storage,
+    experiment_dir: Storage, search: dict[str, Any],
+) -> SweepOutcome:  # fmt: skip
+    """The sweep, once its checks passed and this driver holds its lock: Ray, MLflow, the trials,
+    the evaluation stage and the end."""
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, base)
     _init_ray(address)
     preflight.check_on_ray(sweep, storage, cluster_config, address)
@@ -242,7 +175,7 @@ def run_sweep(
     settings = TrialSettings(
         sweep=sweep.name, search=search, tracking_uri=tracking_uri, experiment_id=experiment_id,
         parent_run_id=parent_run_id, objectives=tuple(o.metric for o in sweep.objectives()), cpus=sweep.resources.cpu,
-        method_label=sweep.method_label, gpus=sweep.resources.gpu,
+        method_label=sweep.method_label, gpus=sweep.resources.gpu, faults=faults(),
     )  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(search_trial, settings=settings),
@@ -251,19 +184,30 @@ def run_sweep(
 
     if resume:
         recovery.prepare_resume(client, experiment_id, sweep, base, experiment_dir)
+        if experiment_dir.local_path is not None:
+            drop_cut_errors(experiment_dir.local_path)  # left by a full disk before the last stop
+    # A storage that fills up stops the sweep (a filesystem; object stores do not fill up).
+    watch = StorageWatch(experiment_dir.local_path) if experiment_dir.local_path is not None else None
     try:
         if resume:
             path, filesystem = experiment_dir.ray_storage()
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
         else:
-            tuner = _new_tuner(sweep, trainable, base, storage, experiment_dir, tracking_uri, experiment_id)
+            tuner = _new_tuner(sweep, trainable, base, storage, experiment_dir, tracking_uri, experiment_id, watch)
         results = tuner.fit()
     except KeyboardInterrupt:
         results = None
-
+    except Exception:
+        if watch is None or watch.problem is None:
+            raise
+        results = None  # Ray's results unreadable on a full disk: the sweep stops as below
     outcome = SweepOutcome(
         sweep.name, experiment_dir, tracking_uri, experiment_id, parent_run_id, interrupted=results is None
     )
+    if watch is not None and watch.problem is not None:
+        outcome.stopped = f"its storage {experiment_dir} {watch.problem}"
+        outcome.interrupted = True
+        drop_cut_errors(watch.directory)
     if results is not None:
         outcome.trials = [_trial_summary(result) for result in results]
         # Ray Tune ends fit() without an exception on Ctrl-C / SIGTERM and reports the trials it
@@ -298,7 +242,7 @@ def _close(client, sweep: SweepConfig, base: Path, outcome: SweepOutcome) -> Non
 
 def _new_tuner(
     sweep: SweepConfig, trainable, base: Path, storage: Storage, experiment_dir: Storage, tracking_uri: str,
-    experiment_id: str,
+    experiment_id: str, watch: StorageWatch | None,
 ) -> tune.Tuner:  # fmt: skip
     """The Tuner of a new sweep: Optuna's study as searcher, the scheduler, storage and callbacks."""
     # The study lives in a journal file beside Ray's state: always current (Ray snapshots the
@@ -306,7 +250,7 @@ def _new_tuner(
     journal = recovery.journal_path(sweep, base, experiment_dir)
     mirror = None if experiment_dir.local_path is not None else experiment_dir / recovery.OPTUNA_JOURNAL
     searcher = make_searcher(sweep, journal, mirror)
-    epochs = sweep.base_search().epochs
+    epochs = sweep.max_epochs()
     if sweep.scheduler.type == "asha":
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
@@ -334,8 +278,9 @@ def _new_tuner(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[
                 RunFinalizer(tracking_uri, experiment_id),
-                ProgressPrinter(epochs),
+                ProgressPrinter(lambda config: sweep.resolve_trial(config).epochs),
                 preflight.WaitingTrials({"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}),
+                *([watch] if watch is not None else []),
             ],
             # Ray's own status table stays off: ProgressPrinter reports what matters here.
             verbose=0,

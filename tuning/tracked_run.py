@@ -5,6 +5,7 @@ sent is kept in a pending file that the driver replays."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -14,6 +15,8 @@ from typing import Any
 
 from .names import PARENT_TAG
 from .tracking import _batches, client_for, find_run, log_params, transient
+
+log = logging.getLogger(__name__)
 
 # Files of a search's output directory that become artifacts of its run (not the checkpoint:
 # Ray keeps those).
@@ -36,8 +39,17 @@ class TrackedRun:
     missing silently.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None, key: str, value: str):
+    def __init__(
+        self, tracking_uri: str, experiment_id: str, parent_run_id: str | None, key: str, value: str,
+        marker: str | None = None,
+    ):  # fmt: skip
+        """`marker`: the metric every epoch logs; its steps in the run say which epochs it holds, and
+        an epoch it holds is not sent again (a job run again after its process, node or driver was
+        lost; a call repeated after a timeout the store had in fact carried out)."""
         self.tracking_uri = tracking_uri
+        self.marker = marker
+        self.logged: set[int] = set()  # the epochs the run holds (with a marker)
+        self._recheck = False  # a call failed: what the store holds is read again before the next epoch
         self.client = client_for(tracking_uri)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -61,6 +73,7 @@ class TrackedRun:
             try:
                 self._apply(kind, data)
             except Exception as err:
+                self._recheck = True
                 if not transient(err):
                     raise
                 if time.monotonic() + delay > deadline:
@@ -77,9 +90,17 @@ class TrackedRun:
         if kind == "open":
             self._open_now(data["name"], data["params"], data["tags"])
         elif kind == "metrics":
+            if data.get("epoch") and self.marker:
+                if self._recheck:
+                    self._read_logged()
+                if data["step"] in self.logged:
+                    log.info("epoch %d is in run %s already: not logged again", data["step"], self.run_id)
+                    return
             items = [Metric(k, float(v), data["time"], data["step"]) for k, v in data["metrics"].items()]
             for chunk in _batches(items, 1000):
                 self.client.log_batch(self.run_id, metrics=chunk)
+            if data.get("epoch"):
+                self.logged.add(data["step"])
         elif kind == "tags":
             for k, v in data["tags"].items():
                 self.client.set_tag(self.run_id, k, str(v)[:5000])
@@ -108,6 +129,7 @@ class TrackedRun:
             if self.status != "FINISHED":
                 self.client.update_run(self.run_id, status="RUNNING")
                 self.client.set_tag(self.run_id, "resumed", "true")
+                self._read_logged()
             return
         all_tags = {self.key: self.value, **tags}
         if self.parent_run_id:
@@ -115,6 +137,11 @@ class TrackedRun:
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         self.run_id, self.status = run.info.run_id, "RUNNING"
         log_params(self.client, self.run_id, params)
+
+    def _read_logged(self) -> None:
+        if self.marker and self.run_id:
+            self.logged = {point.step for point in self.client.get_metric_history(self.run_id, self.marker)}
+        self._recheck = False
 
     # ---------------------------------------------------------------- calls
     def open(
@@ -127,10 +154,12 @@ class TrackedRun:
         return self.run_id
 
     def log_epoch(self, metrics: Mapping[str, float], epoch: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        self._queue("metrics", metrics=clean, step=epoch, time=int(time.time() * 1000))
+        """An epoch's metrics at step `epoch`, sent once: not if the run holds that epoch already."""
+        self._queue("metrics", metrics=_finite(metrics), step=epoch, time=int(time.time() * 1000), epoch=True)
 
-    log_final = log_epoch
+    def log_final(self, metrics: Mapping[str, float], step: int) -> None:
+        """Final metrics at `step` (the last epoch's), which no epoch logs."""
+        self._queue("metrics", metrics=_finite(metrics), step=step, time=int(time.time() * 1000))
 
     def log_artifacts(self, out_dir: str | os.PathLike) -> None:
         out = Path(out_dir)
@@ -164,7 +193,7 @@ class TrackedRun:
             return 0
         header = {
             "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
-            "parent_run_id": self.parent_run_id, "key": self.key, "value": self.value,
+            "parent_run_id": self.parent_run_id, "key": self.key, "value": self.value, "marker": self.marker,
         }  # fmt: skip
         Path(path).write_text(json.dumps({"run": header, "ops": self.ops}, indent=1))
         return len(self.ops)
@@ -175,8 +204,9 @@ def replay_pending(path: str | os.PathLike, patience: float = 30.0) -> int:
     data = json.loads(Path(path).read_text())
     header = data["run"]
     run = TrackedRun(
-        header["tracking_uri"], header["experiment_id"], header["parent_run_id"], header["key"], header["value"]
-    )
+        header["tracking_uri"], header["experiment_id"], header["parent_run_id"], header["key"], header["value"],
+        header.get("marker"),
+    )  # fmt: skip
     ops = [(kind, payload) for kind, payload in data["ops"]]
     if ops and ops[0][0] != "open":
         run.ops.append(("open", {"name": "", "params": {}, "tags": {}}))  # finds the existing run
@@ -185,3 +215,7 @@ def replay_pending(path: str | os.PathLike, patience: float = 30.0) -> int:
         Path(path).unlink()
         return 0
     return len(run.ops)
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}

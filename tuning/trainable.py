@@ -5,6 +5,11 @@ dies is retried from it) and to the trial's MLflow run. The last epoch is report
 with the discretization metrics, the derived network's size and the genotype: the trial's result.
 A search that diverges (NaN) ends its trial with that reason instead of being retried: it would
 diverge again.
+
+Each epoch is in the run once: its metrics go to MLflow, then its checkpoint to Ray; a trial run
+again from an earlier checkpoint (its process, node or driver lost in between) computes that epoch
+again but does not log it again (the run holds it), and the epochs of a restored checkpoint whose
+metrics never arrived (queued while MLflow was away when the process died) are sent from its history.
 """
 
 from __future__ import annotations
@@ -31,16 +36,25 @@ from nas.metrics import (
     VALID_ACC,
     derived_metric_name,
     derived_params,
+    epoch_metrics,
     split_derived,
 )
-from nas.runtime import CHECKPOINT, EpochEvent
+from nas.runtime import CHECKPOINT, EpochEvent, load_checkpoint
 from nas.search import SearchDiverged, run_search
 from nas.settings import SearchConfig, arch_lr_scale, steps_per_epoch
 
 from .accelerators import effective_precision
 from .config import method_label, trial_search
 from .job import TrackedJob, TrialOutcome
-from .names import COLOUR_TAG, DERIVED_TARGETS_TAG, NOTE_TAG, method_colour, mlflow_metrics, report_names
+from .names import (
+    COLOUR_TAG,
+    DERIVED_TARGETS_TAG,
+    NOTE_TAG,
+    method_colour,
+    mlflow_metrics,
+    mlflow_name,
+    report_names,
+)
 from .presentation import trial_note
 from .tracking import params_of
 
@@ -58,6 +72,11 @@ class TrialSettings:
     cpus: float = 1.0
     method_label: str | None = None
     gpus: float = 0.0  # reserved per trial: 0 hides CUDA from the trial
+    faults: str = ""  # faults to inject (tuning/job.py), from the driver's NAS_FAULT
+
+
+# The metric every epoch logs: its steps in the run say which epochs the run holds.
+EPOCH_MARKER = mlflow_name(VALID_ACC)
 
 
 def trial_name(method: str, config: SearchConfig, trial_id: str) -> str:
@@ -87,6 +106,11 @@ def _restore_checkpoint(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as saved:
         shutil.copy2(Path(saved) / CHECKPOINT, out_dir / CHECKPOINT)
+
+
+def _epoch_mlflow_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """An epoch of a checkpoint's history as its MLflow metrics, as on_epoch logged them."""
+    return mlflow_metrics(epoch_metrics(record), tuple(record["loss_terms"]))
 
 
 def _stored_result(run) -> dict[str, Any]:
@@ -129,7 +153,7 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     config = SearchConfig.resolve(file=trial_search(settings.search, params))
     out_dir = Path(tune.get_context().get_trial_dir()) / "search"
     job = TrackedJob("trial", "trial_id", trial_id, settings.tracking_uri, settings.experiment_id,
-                     settings.parent_run_id, out_dir)  # fmt: skip
+                     settings.parent_run_id, out_dir, marker=EPOCH_MARKER, faults=settings.faults)  # fmt: skip
     threads = job.claim(settings.gpus, settings.cpus, config.device)
     _restore_checkpoint(out_dir)
     method = method_label(settings.method_label, config.to_dict())
@@ -147,6 +171,8 @@ def search_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         # the sweep's state): report that result instead of searching again.
         _report(_stored_result(job.run), None)
         return
+    if (out_dir / CHECKPOINT).exists():  # epochs whose metrics were lost after their checkpoint was stored
+        job.resend(load_checkpoint(out_dir / CHECKPOINT)["history"], _epoch_mlflow_metrics)
     last: dict[str, Any] = {}
 
     def on_epoch(event: EpochEvent) -> None:
