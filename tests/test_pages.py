@@ -15,6 +15,7 @@ from tuning.export import RunData, Study, load_study
 from tuning.pages import regenerate
 
 ROOT = Path(__file__).resolve().parents[1]
+NOT_EXPORTED = "*Not yet from a committed export*"
 RESULTS = ROOT / "docs" / "results"
 DROPS = {("darts", "[2, 2, 2, 2]"): [30.0, 31.0, 32.0], ("da2s", "[2, 2, 2, 2]"): [1.0, 2.0, 3.0],
          ("da2s", "4 of 14"): [10.0, 12.0, 14.0]}  # fmt: skip
@@ -48,6 +49,8 @@ Prose between blocks stays.
 <!-- end generated -->
 <!-- generated: made_up kinds method=da2s -->
 <!-- end generated -->
+<!-- generated: made_up correlation method=da2s x=drop y=discretized_acc -->
+<!-- end generated -->
 <!-- generated: made_up skips -->
 <!-- end generated -->
 <!-- generated: made_up environment -->
@@ -62,7 +65,7 @@ def test_views_compute_what_they_say(tmp_path):
     made_up_export(tmp_path / "data" / "made_up.json")
     page = tmp_path / "page.md"
     page.write_text(PAGE)
-    assert len(regenerate(page, tmp_path / "data")) == 7
+    assert len(regenerate(page, tmp_path / "data")) == 8
     text = page.read_text()
     assert "Prose between blocks stays." in text and "9 finished trials" in text
     # darts [2, 2, 2, 2]: drops 30, 31, 32 -> 31.00 ± 1.00 (sample std); supernet 40.00 ± 0.00
@@ -72,6 +75,8 @@ def test_views_compute_what_they_say(tmp_path):
     # per cell (10, 12, 14) against per node (1, 2, 3): +10.00, the two extreme splits of 20: p = 0.1
     assert "per-cell targets 12.00 (range 10.00 to 14.00, n = 3), per-node targets 2.00" in text
     assert "difference +10.00, 95 % interval [" in text and "permutation p = 0.1 (n = 3 and 3)" in text
+    # discretized = 40 - drop: rho = -1; of the 6! orderings two reach |rho| = 1 (p = 2/720), of 3! two (p = 1/3)
+    assert "every target: ρ = -1.00, p = 0.00278 (n = 6); per-cell targets: ρ = -1.00, p = 0.333 (n = 3)." in text
     # skip_connect at the last epoch: the seeds' counts 1, 2, 3 -> 2.0, per method
     assert "| darts | 2.0 |" in text and "| da2s | 2.0 |" in text
     assert "Environment: python 3.11.7, torch 2.14.1." in text
@@ -102,4 +107,5 @@ def test_every_results_page_is_its_data():
     assert done.returncode == 0, done.stderr
     assert "0 generated blocks differ" in done.stderr
     pages = sorted(RESULTS.glob("*.md"))
-    assert pages and all("<!-- generated:" in p.read_text() for p in pages)
+    # A page not (yet) generated from an export says so at its top, where a reader starts.
+    assert pages and all("<!-- generated:" in p.read_text() or NOT_EXPORTED in p.read_text()[:600] for p in pages)

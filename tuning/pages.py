@@ -18,6 +18,8 @@ state a number its data does not back. Views:
     differences   each group against base=METHOD|TARGET on metric= (default drop): difference of
                   means, Welch's 95 % interval, permutation p
     kinds         per-node against per-cell targets, pooled, for method=... on metric=...
+    correlation   Spearman's ρ of x=METRIC with y=METRIC over method=...'s searches, all of them and
+                  per-cell targets only, with permutation p-values
     skips         skip_connect ops per level at the last epoch, mean over seeds
     retrained     each retrained architecture's search metrics beside its test accuracy (every
                   training seed), and the rank correlations with permutation p-values
@@ -97,6 +99,8 @@ class Pages:
             return differences_table(finished, options["base"], options.get("metric", DROP)) + "\n"
         if view == "kinds":
             return kinds_text(finished, options["method"], options.get("metric", DROP)) + "\n"
+        if view == "correlation":
+            return correlation_text(finished, options["method"], options["x"], options["y"]) + "\n"
         if view == "skips":
             return final_skip_table(skip_histories(study, finished)) + "\n"
         if view == "retrained":
@@ -165,6 +169,17 @@ def kinds_text(trials: list[TrialRecord], method: str, metric: str) -> str:
         f"{max(per_cell):.2f}, n = {len(per_cell)}), per-node targets {statistics.fmean(per_node):.2f} (range "
         f"{min(per_node):.2f} to {max(per_node):.2f}, n = {len(per_node)}); difference {d.describe()}."
     )
+
+
+def correlation_text(trials: list[TrialRecord], method: str, x: str, y: str) -> str:
+    """Rank correlation of two metrics over one method's searches: all targets, then per-cell ones."""
+    parts = []
+    for label, keep in (("every target", lambda t: True), ("per-cell targets", lambda t: " of " in t.target)):
+        pairs = [(t.metrics[x], t.metrics[y]) for t in trials
+                 if t.method == method and keep(t) and x in t.metrics and y in t.metrics]  # fmt: skip
+        xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+        parts.append(f"{label}: ρ = {_number(spearman(xs, ys))}, p = {_p(correlation_p(xs, ys))} (n = {len(pairs)})")
+    return f"{method}, Spearman's ρ of {LABELS.get(x, x)} with {LABELS.get(y, y)} (two-sided permutation p): " + "; ".join(parts) + "."
 
 
 def skip_histories(study: Study, trials: list[TrialRecord]) -> dict[str, dict[str, dict[int, float]]]:
