@@ -179,7 +179,11 @@ def correlation_text(trials: list[TrialRecord], method: str, x: str, y: str) -> 
                  if t.method == method and keep(t) and x in t.metrics and y in t.metrics]  # fmt: skip
         xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
         parts.append(f"{label}: ρ = {_number(spearman(xs, ys))}, p = {_p(correlation_p(xs, ys))} (n = {len(pairs)})")
-    return f"{method}, Spearman's ρ of {LABELS.get(x, x)} with {LABELS.get(y, y)} (two-sided permutation p): " + "; ".join(parts) + "."
+    return (
+        f"{method}, Spearman's ρ of {LABELS.get(x, x)} with {LABELS.get(y, y)} (two-sided permutation p): "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def skip_histories(study: Study, trials: list[TrialRecord]) -> dict[str, dict[str, dict[int, float]]]:
