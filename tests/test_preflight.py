@@ -237,4 +237,4 @@ def test_exit_codes_are_documented_in_help():
     assert done.returncode == 0
     block = done.stdout.split("exit status:")[1].split("\n\n")[0]
     codes = [line.split()[0] for line in block.splitlines() if line[:5].strip()]
-    assert codes == ["0", "2", "3", "4", "130", "1"]
+    assert codes == ["0", "2", "3", "4", "5", "130", "1"]
