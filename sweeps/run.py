@@ -120,6 +120,12 @@ def main(argv=None) -> int:
         print("\nInterrupted before the sweep's trials started.", file=sys.stderr)
         return EXIT_INTERRUPTED
 
+    if outcome.finished_already:
+        name = sweep.mlflow.experiment or sweep.name
+        print(f"Nothing to resume: the sweep has finished ({outcome.finished_already}).")
+        print(f"MLflow:       {redact(outcome.tracking_uri)}  (experiment '{name}')")
+        print(f"Report:       python sweeps/report.py {name}")
+        return EXIT_OK
     print_summary(outcome, sweep)
     if outcome.evaluations:
         print(f"\n{'evaluation':28s} {'status':10s} {'top-1 err':>9s} {'top-5 err':>9s} {'params M':>8s}")

@@ -241,3 +241,9 @@ def test_a_sweep_longer_than_its_time_limit_is_requeued_and_finished(slurm, tmp_
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 4 and not [t for t in study.trials if t.state.name == "RUNNING"]
     assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == 4
+
+    # Another --resume (a job requeued once more, a repeated command): nothing left, said at once.
+    done = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), sweep.name, "--resume"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "Nothing to resume: the sweep has finished" in done.stdout, done.stderr
+    assert "Started a local Ray instance" not in done.stderr  # ended before Ray

@@ -149,6 +149,7 @@ def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     assert len({r.data.params["seed"] for r in finished}) == 3
     parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
     assert parent.info.status == "FINISHED" and parent.data.tags.get("resumed") == "true"
+    assert "interrupted" not in parent.data.tags  # said how to go on while it was; finished, it is gone
 
     # Optuna's study: all three trials told their results, the first ones before the interruptions.
     study = optuna.load_study(

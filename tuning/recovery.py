@@ -32,7 +32,7 @@ from .config import SweepConfig
 from .driver_lock import LOCK_FILE
 from .storage import Storage
 from .tracked_run import PENDING_FILE, replay_pending
-from .tracking import environment_of, environment_tags, log_params, params_of, redact, retrying
+from .tracking import client_for, environment_of, environment_tags, log_params, params_of, redact, retrying
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -63,6 +63,30 @@ def parent_run(client, experiment_id: str, sweep: SweepConfig, experiment_dir: S
     retrying(lambda: client.log_text(run_id, text, "sweep.yaml"), "log sweep")
     marker.write_text(run_id + "\n")
     return run_id
+
+
+def finished_already(experiment_dir: Storage, tracking_uri: str, sweep_name: str) -> str | None:
+    """Why a sweep has nothing left to resume, or None: its MLflow run ended FINISHED with every
+    trial finished (none errored or diverged), no evaluation failed and no MLflow call left pending.
+    Read before Ray starts, so that such a `--resume` (a requeued job, a repeated command) ends at
+    once."""
+    marker = experiment_dir / PARENT_RUN_FILE
+    if not marker.exists() or any(True for _ in experiment_dir.glob(f"*/{PENDING_FILE}")):
+        return None
+    try:
+        client = client_for(tracking_uri)
+        run = client.get_run(marker.read_text().strip())
+        if run.info.status != "FINISHED":
+            return None
+        finished, failed = run.data.metrics.get("trials_finished"), run.data.metrics.get("trials_failed")
+        if not finished or failed != 0:
+            return None
+        query = f"tags.sweep = '{sweep_name}' and tags.kind = 'evaluation' and attributes.status != 'FINISHED'"
+        if client.search_runs([run.info.experiment_id], query, max_results=1):
+            return None
+    except Exception:  # MLflow unreachable or the run gone: resume the long way, which says why
+        return None
+    return f"its MLflow run {run.info.run_id} is FINISHED with {finished:.0f} trials, none failed"
 
 
 def _note_environment_change(client, run_id: str) -> None:

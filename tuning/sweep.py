@@ -65,6 +65,7 @@ class SweepOutcome:
     evaluations: list = field(default_factory=list)
     interrupted: bool = False
     stopped: str | None = None  # why the sweep stopped before its end (its storage full), if it did
+    finished_already: str | None = None  # a --resume of a sweep with nothing left: why
     # MLflow calls that could not be sent (server unreachable): (pending file, count)
     pending: list = field(default_factory=list)
 
@@ -153,6 +154,10 @@ def run_sweep(
     lock = DriverLock(experiment_dir)  # one driver per sweep, here or on another machine
     lock.acquire("--resume" if resume else "name")
     try:
+        tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, base)
+        done = recovery.finished_already(experiment_dir, tracking_uri, sweep.name) if resume else None
+        if done is not None:
+            return SweepOutcome(sweep.name, experiment_dir, tracking_uri, "", "", finished_already=done)
         return _drive(sweep, resume, address, base, cluster_config, storage, experiment_dir, search)
     finally:
         lock.release()
@@ -237,6 +242,9 @@ def _close(client, sweep: SweepConfig, base: Path, outcome: SweepOutcome) -> Non
         present_summary(client, outcome.tracking_uri, sweep, outcome.parent_run_id)
     except Exception as err:  # a summary that cannot be drawn must not fail a finished sweep
         log.warning("MLflow: the sweep's summary could not be written (%s)", err)
+    if "interrupted" in retrying(lambda: client.get_run(outcome.parent_run_id), "read sweep run").data.tags:
+        # interrupted once, finished now: the tag said how to go on, which is no longer true
+        retrying(lambda: client.delete_tag(outcome.parent_run_id, "interrupted"), "untag sweep run")
     retrying(lambda: client.set_terminated(outcome.parent_run_id, "FINISHED"), "end sweep run")
 
 
