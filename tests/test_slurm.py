@@ -88,10 +88,10 @@ class Slurm:
             ])
         )  # fmt: skip
         for daemon in ("slurmctld", "slurmd"):
-            log = open(self.root / "log" / f"{daemon}.out", "w")
-            self.processes.append(
-                subprocess.Popen([_which(daemon), "-D", "-f", str(self.conf)], env=self.env, stdout=log, stderr=log)
-            )
+            with open(self.root / "log" / f"{daemon}.out", "w") as log:  # the daemon keeps its own copy
+                self.processes.append(
+                    subprocess.Popen([_which(daemon), "-D", "-f", str(self.conf)], env=self.env, stdout=log, stderr=log)
+                )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             state = self.run("sinfo", "-h", "-o", "%T").stdout.strip()
@@ -220,10 +220,10 @@ def test_a_sweep_longer_than_its_time_limit_is_requeued_and_finished(slurm, tmp_
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", output[-3000:]
     attempts = int(job["Restarts"])
     assert attempts >= 1, output[-3000:]
-    assert "[slurm job %s, attempt 0] the time limit is near" % job_id in output
+    assert f"[slurm job {job_id}, attempt 0] the time limit is near" in output
     assert "The sweep was interrupted. Finish it with" in output  # the driver's exit 130
     assert "requeued: the next attempt runs the sweep with --resume" in output
-    assert "--resume" in output.split("[slurm job %s, attempt 1]" % job_id, 1)[1]
+    assert "--resume" in output.split(f"[slurm job {job_id}, attempt 1]", 1)[1]
     assert "the sweep's driver exited with 0" in output
 
     client, runs = trial_runs(tmp_path, "long")
