@@ -222,6 +222,7 @@ def test_a_sweep_longer_than_its_time_limit_is_requeued_and_finished(slurm, tmp_
     assert attempts >= 1, output[-3000:]
     assert f"[slurm job {job_id}, attempt 0] the time limit is near" in output
     assert "The sweep was interrupted. Finish it with" in output  # the driver's exit 130
+    assert " INTERRUPTED " in output  # the trial the signal cut, listed as such (its values are partial)
     assert "requeued: the next attempt runs the sweep with --resume" in output
     assert "--resume" in output.split(f"[slurm job {job_id}, attempt 1]", 1)[1]
     assert "the sweep's driver exited with 0" in output

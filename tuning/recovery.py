@@ -79,7 +79,7 @@ def finished_already(experiment_dir: Storage, tracking_uri: str, sweep_name: str
         if run.info.status != "FINISHED":
             return None
         finished, failed = run.data.metrics.get("trials_finished"), run.data.metrics.get("trials_failed")
-        if not finished or failed != 0:
+        if not finished or failed != 0 or run.data.metrics.get("trials_interrupted", 0) != 0:
             return None
         query = f"tags.sweep = '{sweep_name}' and tags.kind = 'evaluation' and attributes.status != 'FINISHED'"
         if client.search_runs([run.info.experiment_id], query, max_results=1):
@@ -198,13 +198,13 @@ def fail_unfinished_optuna_trials(journal: Path, study_name: str, mirror: Storag
     return len(stale)
 
 
-def end_open_runs(client, experiment_id: str, sweep_name: str, status: str, reason: str) -> int:
+def end_open_runs(client, experiment_id: str, sweep_name: str, status: str, reason: str, attempts: int = 12) -> int:
     """Ends the sweep's trial and evaluation runs left RUNNING (they re-open when resumed)."""
     query = f"tags.sweep = '{sweep_name}' and tags.kind != 'sweep' and attributes.status = 'RUNNING'"
-    runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=1000), "search runs")
+    runs = retrying(lambda: client.search_runs([experiment_id], query, max_results=1000), "search runs", attempts)
     for run in runs:
-        retrying(lambda run=run: client.set_tag(run.info.run_id, "interrupted", reason), "tag run")
-        retrying(lambda run=run: client.set_terminated(run.info.run_id, status), "end run")
+        retrying(lambda run=run: client.set_tag(run.info.run_id, "interrupted", reason), "tag run", attempts)
+        retrying(lambda run=run: client.set_terminated(run.info.run_id, status), "end run", attempts)
     return len(runs)
 
 
@@ -300,9 +300,21 @@ def check_journal(path: Path) -> None:
 
 def close_interrupted(client, experiment_id: str, sweep_name: str, parent_run_id: str) -> None:
     """An interrupted sweep: its open runs and its own run KILLED, resumable with --resume."""
-    count = end_open_runs(client, experiment_id, sweep_name, "KILLED", "sweep interrupted; resume it with --resume")
-    retrying(lambda: client.set_tag(parent_run_id, "interrupted", "true"), "tag sweep run")
-    retrying(lambda: client.set_terminated(parent_run_id, "KILLED"), "end sweep run")
+    # Few retries: an interrupted driver may have seconds left (a scheduler's grace time), and its
+    # tracking server may be the thing that went (a lost head).
+    try:
+        count = end_open_runs(
+            client, experiment_id, sweep_name, "KILLED", "sweep interrupted; resume it with --resume", attempts=3
+        )
+        retrying(lambda: client.set_tag(parent_run_id, "interrupted", "true"), "tag sweep run", attempts=3)
+        retrying(lambda: client.set_terminated(parent_run_id, "KILLED"), "end sweep run", attempts=3)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        log.warning(
+            "sweep interrupted; MLflow could not be told (%s): its runs show RUNNING until --resume continues them",
+            reason,
+        )
+        return
     log.warning("sweep interrupted (%d trial runs marked KILLED); resume it with --resume", count)
 
 

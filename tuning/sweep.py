@@ -218,6 +218,8 @@ def _drive(
         # Ray Tune ends fit() without an exception on Ctrl-C / SIGTERM and reports the trials it
         # stopped or never started as TERMINATED: those lack the final result (the genotype).
         unfinished = [t for t in outcome.trials if not _finished(t, sweep)]
+        for trial in unfinished:
+            trial.status = "INTERRUPTED"  # its values are its last epoch's, not a result
         outcome.interrupted = bool(unfinished) or len(outcome.trials) < (sweep.num_samples or 0)
     if not outcome.interrupted and sweep.evaluate is not None:
         try:
@@ -322,7 +324,8 @@ def _summarise(client, parent_run_id: str, sweep: SweepConfig, outcome: SweepOut
         if values:
             best[f"best_{objective.metric}"] = max(values) if objective.mode == "max" else min(values)
     best["trials_finished"] = float(sum(t.status == "TERMINATED" for t in outcome.trials))
-    best["trials_failed"] = float(sum(t.status != "TERMINATED" for t in outcome.trials))
+    best["trials_failed"] = float(sum(t.status in ("ERROR", "DIVERGED") for t in outcome.trials))
+    best["trials_interrupted"] = float(sum(t.status == "INTERRUPTED" for t in outcome.trials))
     log_metrics(client, parent_run_id, best, 0)
 
 
