@@ -41,10 +41,13 @@ def test_gpu_workers_project_install_and_mlflow_server(cluster):
     assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))  # AWS GPU instance families
     assert gpu["max_workers"] >= 1
     setup = " ".join(cluster["setup_commands"])
-    assert "pip install -c ~/da2s-nas/constraints.txt -e ~/da2s-nas" in setup and "ray[default]" in setup
+    assert 'pip install -c ~/da2s-nas/constraints.txt -e "$HOME/da2s-nas[server]"' in setup and "ray[default]" in setup
     assert cluster["file_mounts"]["/home/ubuntu/da2s-nas"] == "."
     head = " ".join(cluster["head_start_ray_commands"])
-    assert "mlflow server" in head and "--serve-artifacts" in head
+    assert "python sweeps/server.py start --host" in head and "--no-auth" not in head
+    # Every node logs with the tracking server's credentials; the head's server reads its store's settings.
+    assert cluster["file_mounts"]["/home/ubuntu/.mlflow/credentials"] == "~/.mlflow/credentials"
+    assert cluster["file_mounts"]["/home/ubuntu/.mlflow/server.ini"] == "~/.mlflow/server.ini"
     assert "MLFLOW_TRACKING_URI" in " ".join(cluster["head_setup_commands"])
 
 
@@ -119,6 +122,14 @@ with open(os.environ["SHIM_LOG"], "a") as log:
 if sys.argv[1:2] == ["server"]:
     time.sleep(60)
 """
+# python sweeps/server.py start ...: the stand-in MLflow server, left running as the real script leaves it.
+PYTHON_SHIM = (
+    SHIM
+    + """case "$1" in *sweeps/server.py) shift; setsid "$(dirname "$0")/mlflow" server "$@" > /dev/null 2>&1 < /dev/null &
+    sleep 1 ;; esac
+exit 0
+"""
+)
 # python3 -m venv DIR: an empty activate script.
 PYTHON3_SHIM = (
     SHIM
@@ -132,8 +143,10 @@ def run_launcher_commands(tmp_path: Path, stages: list) -> tuple[dict, list[str]
     home, shims = tmp_path / "home", tmp_path / "shims"
     home.mkdir()
     shims.mkdir()
-    for name in ("ray", "pip", "aws", "nvidia-smi", "sudo", "apt-get", "python"):
+    (home / "da2s-nas").mkdir()  # the checkout, as file_mounts puts it
+    for name in ("ray", "pip", "aws", "nvidia-smi", "sudo", "apt-get"):
         (shims / name).write_text(SHIM)
+    (shims / "python").write_text(PYTHON_SHIM)
     (shims / "python3").write_text(PYTHON3_SHIM)
     (shims / "hostname").write_text(SHIM + "echo 10.0.0.4\n")
     (shims / "mlflow").write_text(MLFLOW_SHIM.format(python=sys.executable))
@@ -176,7 +189,7 @@ def test_setup_and_start_commands_run_under_rays_login_shell(cluster, tmp_path):
     # (Ray's wrapper exports RAY_HEAD_IP as a JSON string, quotes included.)
     assert any(c.startswith("ray start --address=") and "10.0.0.5" in c and ":6379" in c for c in calls)
     assert (
-        f"python -m pip install -c {tmp_path}/home/da2s-nas/constraints.txt -e {tmp_path}/home/da2s-nas "
+        f"python -m pip install -c {tmp_path}/home/da2s-nas/constraints.txt -e {tmp_path}/home/da2s-nas[server] "
         "ray[default]==2.60.0 boto3>=1.4.8"
     ) in calls
     assert any(c.startswith("nvidia-smi") for c in calls)  # the workers check their GPU
@@ -184,7 +197,9 @@ def test_setup_and_start_commands_run_under_rays_login_shell(cluster, tmp_path):
     bashrc = (home / ".bashrc").read_text()
     assert "source ~/venv/bin/activate" in bashrc and "NAS_DATA_ROOT=$HOME/data" in bashrc
     assert "MLFLOW_TRACKING_URI=http://10.0.0.4:5000" in bashrc
-    assert any(c.startswith(f"mlflow server --backend-store-uri sqlite:///{home}/mlflow/mlflow.db") for c in calls)
+    assert [c for c in calls if "sweeps/server.py" in c] == [
+        "python sweeps/server.py start --host 10.0.0.4 --port 5000"
+    ] * 2
 
 
 def test_the_shell_check_catches_a_self_killing_command(tmp_path):

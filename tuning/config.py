@@ -162,6 +162,15 @@ class SweepConfig:
                     "credentials never go in the sweep file: each node finds its own (an instance profile, the "
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables, or ~/.aws/credentials)",
                 )
+        tracking = data.get("mlflow") if isinstance(data, Mapping) else None
+        uri = tracking.get("tracking_uri") if isinstance(tracking, Mapping) else None
+        if isinstance(uri, str) and "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError(
+                "mlflow.tracking_uri",
+                uri.split("://", 1)[0] + "://***@" + uri.split("@", 1)[1],
+                "credentials never go in the sweep file: every node finds its own in MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials",
+            )
         return from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:

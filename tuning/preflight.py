@@ -309,6 +309,34 @@ def check_before_ray(sweep, base: Path, storage: Storage, experiment_dir: Storag
     store = sqlite_path(sweep.mlflow.tracking_uri, base)
     if store is not None:
         check_writable(store.parent, "mlflow.tracking_uri")
+    check_tracking_server(sweep.mlflow.tracking_uri)
+
+
+def check_tracking_server(uri: str) -> None:
+    """A tracking server answers and takes this machine's credentials (MLflow's own:
+    $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD, else ~/.mlflow/credentials)."""
+    from .tracking_server import client_credentials, credentials_status
+
+    if uri == "auto":
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri.startswith(("http://", "https://")):
+        return
+    uri = uri.rstrip("/")
+    username, password = client_credentials()
+    status = credentials_status(uri, username, password)
+    if status == 0:
+        raise ConfigError("mlflow.tracking_uri", uri, "no MLflow server answers there; start it, or check the address")
+    if status == 401:
+        given = f"those of user {username!r} were refused" if username else "none were given"
+        raise ConfigError(
+            "mlflow.tracking_uri", uri,
+            f"the server asks for credentials and {given}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+            f"or write them to ~/.mlflow/credentials on every node (docs/cluster.md, \"The tracking server\")",
+        )  # fmt: skip
+    if status == 403:
+        raise ConfigError(
+            "mlflow.tracking_uri", uri, f"user {username!r} may not read experiments there; ask its administrator"
+        )
 
 
 def check_on_ray(sweep, storage: Storage, cluster_config: str | None, address: str | None) -> None:
