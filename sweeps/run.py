@@ -28,9 +28,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
+# MLflow's per-download progress bars (the sweep's summary reads artifacts back) are noise here.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 HERE = Path(__file__).resolve().parent
 EXIT_OK, EXIT_REFUSED, EXIT_PENDING, EXIT_ERRORED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
