@@ -1,7 +1,9 @@
 """Sweeps on a real multi-node Ray cluster on this one machine: a head with no CPUs that runs the
 driver, and worker nodes whose raylets run in their own mount namespace with a private directory
 over the head's disk (so, as on a cloud, a node sees its own disk, not the head's); an S3 API
-server (moto) on loopback as the object store; a real MLflow server. Faults are injected for real:
+server (moto) on loopback as the object store; the cluster's tracking server (sweeps/server.py: MLflow
+with basic authentication; every node logs with the credentials in its environment, as a node of
+cluster.yaml does with ~/.mlflow/credentials). Faults are injected for real:
 a worker node killed (raylet and workers) mid-trial and mid-evaluation, the driver killed mid-sweep.
 
 Every node listens on 127.0.0.1 only (checked); nothing leaves the machine.
@@ -29,14 +31,16 @@ from conftest import descendants, real_data_root, tiny_search_config, tiny_sweep
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from test_faults import free_port, start_server, stop_server
+from test_faults import free_port
 from test_sweeps import LOOPBACK, _listening_addresses
+from test_tracking_server import PASSWORD, USER, start_server, stop_server
 
 from nas.evaluate import EvalConfig, run_evaluation
 from nas.genotype import PUBLISHED
 from nas.search import run_search
 from tuning.config import SweepConfig
 from tuning.names import mlflow_name, significant
+from tuning.tracking_server import credentials_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")]
 
@@ -173,7 +177,13 @@ def cluster(tmp_path_factory):
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{s3_port}",
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+        # The tracking server's user, on every node and for this test's own reads.
+        "MLFLOW_TRACKING_USERNAME": USER,
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
     }
+    credentials = pytest.MonkeyPatch()
+    credentials.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    credentials.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's request lines
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
     s3.start()
@@ -182,7 +192,16 @@ def cluster(tmp_path_factory):
     try:
         nodes.start_head()
         workers = [nodes.add_worker(), nodes.add_worker()]
-        server = start_server(root / "mlflow", mlflow_port)  # while the workers start
+        store = root / "mlflow"
+        server = start_server(
+            env,
+            store,
+            mlflow_port,
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+        )  # while the workers start
         for name in workers:
             nodes.wait_started(name)
         pids = set().union(*(nodes.processes(n) for n in nodes.nodes))
@@ -195,12 +214,14 @@ def cluster(tmp_path_factory):
         client.create_bucket(Bucket=BUCKET)
         nodes.s3 = client
         nodes.tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+        assert credentials_status(nodes.tracking_uri, None, None) == 401  # nothing reaches it without them
         yield nodes
     finally:
         nodes.stop()
         if server is not None:
             stop_server(server)
         s3.stop()
+        credentials.undo()
 
 
 def write_sweep(cluster: LocalCluster, name: str, epochs: int = 3, **changes) -> Path:
