@@ -177,18 +177,17 @@ def server_environment(settings: ServerSettings, private_dir: Path) -> dict[str,
     }
     if settings.auth_database_uri is None:
         return env
-    private_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config = private_dir / "auth.ini"
-    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        # READ: every user the administrator adds sees every study; only a run's owner (and the
-        # administrator) changes or deletes it.
-        out.write(
-            "[mlflow]\ndefault_permission = READ\n"
-            f"database_uri = {settings.auth_database_uri}\n"
-            f"admin_username = {settings.username}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
+    # READ: every user the administrator adds sees every study; only a run's owner (and the
+    # administrator) changes or deletes it.
+    write_private(
+        config,
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {settings.auth_database_uri}\n"
+        f"admin_username = {settings.username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        replace=True,
+    )
     env.update(
         MLFLOW_AUTH_CONFIG_PATH=str(config),
         MLFLOW_AUTH_ADMIN_USERNAME=settings.username or "",
@@ -272,18 +271,25 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def write_credentials(path: Path, username: str = USER) -> bool:
-    """A credentials file with a new random password, unless one is there (False then)."""
+def write_private(path: Path, text: str, replace: bool = False) -> bool:
+    """`text` in a file only its owner reads (0600, in a 0700 folder if it makes one); an existing
+    file is kept (False) unless `replace`."""
     path = path.expanduser()
-    if path.exists():
+    if path.exists() and not replace:
         return False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(
-            f"[mlflow]\nmlflow_tracking_username = {username}\nmlflow_tracking_password = {secrets.token_urlsafe(24)}\n"
-        )
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    with os.fdopen(os.open(path, flags, 0o600), "w") as out:
+        out.write(text)
     return True
+
+
+def write_credentials(path: Path, username: str = USER) -> bool:
+    """A credentials file with a new random password, unless one is there (False then)."""
+    password = secrets.token_urlsafe(24)
+    return write_private(
+        path, f"[mlflow]\nmlflow_tracking_username = {username}\nmlflow_tracking_password = {password}\n"
+    )
 
 
 SETTINGS_TEMPLATE = """\
@@ -299,11 +305,4 @@ SETTINGS_TEMPLATE = """\
 
 
 def write_settings_template(path: Path) -> bool:
-    path = path.expanduser()
-    if path.exists():
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(SETTINGS_TEMPLATE)
-    return True
+    return write_private(path, SETTINGS_TEMPLATE)
