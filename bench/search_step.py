@@ -23,6 +23,12 @@ invocation, so their ratios are measured on the same machine state; with `--repe
 are run in turn N times (A B A B ...) and the table gives the median and the range of each figure
 and of the ratios to `reference` and `naive`, taken repeat by repeat.
 
+Every measurement also counts the ops one search step dispatches (`ops/step`: those that compute,
+not views; on a GPU each is a kernel launch paid on the host): `cuda_settings` and
+`cuda_settings_static` count, on the CPU, the eager and the graph-ready step with the settings a
+CUDA search uses (fused, contiguous, no C kernels); `fast_graphs` replays a captured CUDA graph
+(nas/graphs.py), so its count is the few ops around the replay.
+
 With `--profile` each measurement also profiles a few search steps with torch.profiler: on the CPU
 the ops with the most self time (a per-op table); with CUDA also the share of wall time in which a
 GPU kernel runs and the kernels launched per step: a low share with many short kernels means the
@@ -52,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 CONFIGS = {
     "standard": {"model.channels": 16, "model.cells": 8, "batch_size": 64},
     "small": {"model.channels": 8, "model.cells": 5, "batch_size": 32},
+    "toy": {"model.channels": 4, "model.cells": 3, "batch_size": 16},  # for checking the scripts
 }
 
 
@@ -63,8 +70,39 @@ MODES = {
     "fast_no_c": [],  # fast, without the C depthwise weight gradient (as where no C compiler works)
     "fast_bf16": ["runtime.amp=bf16"],
     "fast_compile": ["runtime.compile=true"],
+    # The step written for CUDA graphs (nas/graphs.py), run eagerly; and captured, replayed (CUDA).
+    "fast_static": [],
+    "fast_graphs": ["runtime.cuda_graphs=true"],
+    # On the CPU, the settings a CUDA search runs with: fused, contiguous, no C kernels (op counts).
+    "cuda_settings": ["runtime.channels_last=false"],
+    "cuda_settings_static": ["runtime.channels_last=false"],
 }
-DEFAULT_MODES = {"cpu": ["naive", "fast"], "cuda": ["naive", "fast", "fast_bf16", "fast_compile"]}
+DEFAULT_MODES = {
+    "cpu": ["naive", "fast"],
+    "cuda": ["naive", "fast", "fast_graphs", "fast_bf16", "fast_compile"],
+}
+
+
+def count_ops(step) -> tuple[int, int]:
+    """(ops dispatched, kernels of them that are not views or metadata) in one call of `step`,
+    counted with a TorchDispatchMode: on a GPU, every one of the latter is a launch on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+            self.compute = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            if not func.is_view and func._schema.name not in ("aten::detach", "aten::empty_strided", "aten::empty"):
+                self.compute += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        step()
+    return counter.ops, counter.compute
 
 
 def gpu_profile(step, steps: int, sync) -> dict:
@@ -166,12 +204,15 @@ def reference_steps(name: str, reference_dir: str, device):
 
 
 def project_steps(name: str, mode: str, preset: str, device):
+    from nas.graphs import GraphedStep, StaticStep
     from nas.search import Search
     from nas.settings import SearchConfig
 
     overrides = [f"{k}={v}" for k, v in CONFIGS[name].items()] + [f"device={device.type}"] + MODES[mode]
     config = SearchConfig.resolve(preset, overrides=overrides)
     search = Search.build(config, steps_per_epoch=391, num_classes=10, device=device)
+    if mode.endswith("_static"):
+        search.graphed = GraphedStep(StaticStep(search), capture=False)
     search.supernet.train()
     weights = config.loss.weights_at(config.epochs, config.epochs)  # every term active
 
@@ -207,7 +248,7 @@ def measure(
             import nas.depthwise
 
             nas.depthwise.enabled = False
-        if mode == "fast_no_c":
+        if mode in ("fast_no_c", "cuda_settings", "cuda_settings_static"):
             import nas.native
 
             nas.native.disable()
@@ -244,6 +285,8 @@ def measure(
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     extra = {}
+    if mode != "reference":
+        extra["ops_per_step"], extra["compute_ops_per_step"] = count_ops(lambda: step(train, valid))
     if profile and dev.type == "cuda":
         extra = gpu_profile(lambda: step(train, valid), max(3, steps // 2), sync)
     elif profile:
@@ -395,7 +438,8 @@ def main() -> int:
     print(f"median of {args.repeats} repeat(s), [min-max] where repeated; ratios taken within each repeat")
     header = (
         f"{'config':9s} {'mode':12s} {'device':6s} {'search img/s':>22s} {'weight img/s':>12s} {'GFLOP/step':>10s} "
-        f"{'GFLOP/s':>8s} {'peak GiB':>18s} {'vs reference':>20s} {'vs naive':>20s} {'GPU busy':>8s} {'kernels':>8s}"
+        f"{'GFLOP/s':>8s} {'peak GiB':>18s} {'vs reference':>20s} {'vs naive':>20s} {'GPU busy':>8s} {'kernels':>8s} "
+        f"{'ops/step':>9s}"
     )
     print(header)
     for r in summary:
@@ -405,12 +449,13 @@ def main() -> int:
             ratios.append(f"{r[key]:.2f}x{spread(r, key, '{:.2f}')}" if key in r else "")
         busy = f"{100 * r['gpu_busy_share']:7.0f}%" if "gpu_busy_share" in r else ""
         kernels = f"{r['kernels_per_step']:8.0f}" if "kernels_per_step" in r else ""
+        ops = f"{r['compute_ops_per_step']:9d}" if "compute_ops_per_step" in r else ""
         images = f"{r['search_images_per_s']:.2f}{spread(r, 'search_images_per_s', '{:.2f}')}"
         peak = f"{r['peak_memory_gib']:.2f}{spread(r, 'peak_memory_gib', '{:.2f}')}"
         print(
             f"{r['config']:9s} {r['mode']:12s} {r['device']:6s} {images:>22s} "
             f"{r['weight_images_per_s']:12.2f} {r['search_step_gflop']:10.1f} {r['gflop_per_s']:8.1f} "
-            f"{peak:>18s} {ratios[0]:>20s} {ratios[1]:>20s} {busy:>8s} {kernels:>8s}"
+            f"{peak:>18s} {ratios[0]:>20s} {ratios[1]:>20s} {busy:>8s} {kernels:>8s} {ops:>9s}"
         )
     for r in summary:
         if "speedup_vs_reference" in r:

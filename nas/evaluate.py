@@ -43,6 +43,7 @@ from .runtime import (
     Diverged,
     EpochEvent,
     RunDirectory,
+    check_layout,
     progress_bar,
     resolve_device,
 )
@@ -167,10 +168,13 @@ def _network(
     model = network_for(genotype, config)
     params = count_parameters(model)
     macs = count_macs(model, config.image_size)
+    memory_format = config.runtime.memory_format(device, "evaluate")
+    if memory_format == torch.channels_last:  # on CUDA: only where its gradients are the contiguous ones
+        check_layout(model, lambda net, x: net(x)[0], (3, config.image_size, config.image_size), device)
     synchronised = config.synchronised_bn(group.world)
     if synchronised:
         model = sync_batchnorm(model, device)
-    model = model.to(device).to(memory_format=config.runtime.memory_format(device, "evaluate"))
+    model = model.to(device).to(memory_format=memory_format)
     info = {
         "params": params,
         "macs": macs,

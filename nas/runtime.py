@@ -57,6 +57,36 @@ class RuntimeConfig:
     amp: Literal["auto", "off", "bf16"] = "auto"
     # torch.compile the supernet (in place; CUDA mainly: on CPU it needs a C++ compiler and minutes).
     compile: bool = False
+    # The first-order search step captured as one CUDA graph and replayed (nas/graphs.py, docs/gpu.md).
+    # `auto`: on CUDA, eager elsewhere; `true`: refuses a device other than CUDA; both fall back to
+    # eager with one warning if the capture fails. `false` (the default until a GPU run has shown the
+    # graphed step equal to the eager one): eager. Second order always runs eagerly.
+    cuda_graphs: Literal["auto", "true", "false"] = "false"
+
+    def graphed_step(self, device: torch.device, order: str) -> bool:
+        """Whether the search step is captured as a CUDA graph on `device`."""
+        if self.cuda_graphs == "false":
+            return False
+        if self.cuda_graphs == "true" and device.type != "cuda":
+            raise ConfigError(
+                "runtime.cuda_graphs",
+                "true",
+                f"needs a CUDA device and this search runs on {device.type}; set auto or false",
+            )
+        if self.compile:
+            if self.cuda_graphs == "true":
+                raise ConfigError(
+                    "runtime.cuda_graphs",
+                    "true",
+                    "and runtime.compile: true both take over the step; set one of them false (or cuda_graphs: auto)",
+                )
+            return False
+        if device.type != "cuda":
+            return False
+        if order != "first":
+            log.info("runtime.cuda_graphs: second order runs eagerly (nas/graphs.py says why)")
+            return False
+        return True
 
     def autocast_dtype(self, device: torch.device, workload: Literal["search", "evaluate"] = "search"):
         """The autocast dtype on `device`; None: float32, no autocast."""
@@ -85,6 +115,60 @@ class RuntimeConfig:
                 "convolutions in channels-last); leave it unset (contiguous on CUDA) or set false",
             )
         return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+# Above this relative difference, a channels-last network's gradients are not the contiguous ones.
+LAYOUT_TOLERANCE = 1e-3
+
+
+def layout_gradient_difference(
+    model: torch.nn.Module,
+    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    image_shape: Sequence[int],
+    device: torch.device,
+    batch: int = 2,
+) -> float:
+    """||g_cl - g| / ||g|| over the parameters' gradients of copies of `model` on `device` in the
+    channels-last and the contiguous layout, on one random batch, in IEEE float32 (no TF32), with
+    the global random state restored afterwards. On an H200 (PyTorch 2.11) cuDNN gave the fused
+    search's gradients 49 % off in channels-last (docs/gpu.md); this measures the network at hand on
+    the GPU at hand before it trains in that layout."""
+    import copy
+
+    from .supernet import ieee_float32
+
+    images = torch.randn((batch, *image_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    flat = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        net = copy.deepcopy(model).to(device).to(memory_format=layout).train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), ieee_float32():
+            torch.manual_seed(0)  # the same drop-path draws in both layouts
+            out = forward(net, images.contiguous(memory_format=layout))
+            grads = torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
+        flat.append(torch.cat([g.flatten() for g in grads if g is not None]).double())
+    return ((flat[1] - flat[0]).norm() / flat[0].norm().clamp_min(1e-30)).item()
+
+
+def check_layout(
+    model: torch.nn.Module,
+    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    image_shape: Sequence[int],
+    device: torch.device,
+) -> None:
+    """Refuses `runtime.channels_last: true` on CUDA where the network's gradients in that layout
+    differ from the contiguous ones (`layout_gradient_difference`); silent on the CPU."""
+    if device.type != "cuda":
+        return
+    difference = layout_gradient_difference(model, forward, image_shape, device)
+    log.info("runtime.channels_last: gradients %.1e off the contiguous layout's on %s", difference, device)
+    if not difference <= LAYOUT_TOLERANCE:
+        raise ConfigError(
+            "runtime.channels_last",
+            True,
+            f"gives this network's gradients {difference:.1e} (relative) off the contiguous layout's on this GPU "
+            f"(torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}); leave it unset or set false",
+        )
 
 
 def resolve_device(name: str) -> torch.device:

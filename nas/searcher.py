@@ -21,8 +21,9 @@ from .architect import Architect
 from .data import SearchData, batches, stream_generator
 from .discretize import BoundSupernet, accuracy
 from .genotype import Genotype, derive_genotype
+from .graphs import GraphedStep, StaticStep
 from .losses import warmup_epoch
-from .runtime import Diverged, PhaseClock, cosine_lr, progress_bar
+from .runtime import Diverged, PhaseClock, check_layout, cosine_lr, progress_bar
 from .settings import SearchConfig, arch_lr_scale, lr_scale_capped_message
 from .space import SearchSpace, Target
 from .supernet import Architecture, Supernet
@@ -64,6 +65,8 @@ class Search:
     alpha_lr: float
     beta_lr: float
     lr_scale: float
+    # The step as a CUDA graph (runtime.cuda_graphs, nas/graphs.py); None: the eager step.
+    graphed: GraphedStep | None = None
 
     @classmethod
     def build(cls, config: SearchConfig, steps_per_epoch: int, num_classes: int, device: torch.device) -> Search:
@@ -73,12 +76,16 @@ class Search:
         supernet = Supernet(space, config.model.channels, num_classes, config.model.stem_multiplier).to(device)
         runtime = config.runtime
         supernet.set_fused(runtime.fused)
-        supernet.set_memory_format(runtime.memory_format(device))
+        memory_format = runtime.memory_format(device)
+        generator = torch.Generator().manual_seed(config.seed)
+        arch = Architecture(space, target, config.alpha, config.beta, config.edge_params, generator).to(device)
+        if memory_format == torch.channels_last:  # on CUDA: only where its gradients are the contiguous ones
+            size = config.data.resolution
+            check_layout(supernet, lambda net, x: net(x, arch()), (3, size, size), device)
+        supernet.set_memory_format(memory_format)
         supernet.set_autocast(runtime.autocast_dtype(device))
         if runtime.compile:
             supernet.compile()
-        generator = torch.Generator().manual_seed(config.seed)
-        arch = Architecture(space, target, config.alpha, config.beta, config.edge_params, generator).to(device)
         sgd = config.weights
         weight_optimizer = torch.optim.SGD(
             supernet.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
@@ -96,9 +103,12 @@ class Search:
             groups, betas=tuple(config.arch_optim.betas), weight_decay=config.arch_optim.weight_decay
         )
         architect = Architect(supernet, arch, arch_optimizer, config)
-        return cls(
+        search = cls(
             config, space, target, supernet, arch, weight_optimizer, arch_optimizer, architect, alpha_lr, beta_lr, scale
         )
+        if runtime.graphed_step(device, config.order):
+            search.graphed = GraphedStep(StaticStep(search))
+        return search
 
     def epoch(self, data: SearchData, epoch: int, progress: bool = False) -> tuple[dict[str, Any], PhaseClock]:
         """One epoch (docs/science.md §2.3): the steps, then the supernet and discretized accuracy on
@@ -195,7 +205,13 @@ class Search:
         return loss.detach(), logits.detach()
 
     def step(self, train_batch, valid_batch, loss_weights: dict[str, float], lr: float):
-        """One search step (docs/science.md §2.3): the architecture step, then the weight step."""
+        """One search step (docs/science.md §2.3): the architecture step, then the weight step.
+        The weights' learning rate is the optimiser's (`Search.epoch` sets it); `lr` is the virtual
+        step's in second order."""
+        if self.graphed is not None:
+            arch_lrs = [group["lr"] for group in self.arch_optimizer.param_groups]
+            self.graphed.controls.set(self.weight_optimizer.param_groups[0]["lr"], arch_lrs, loss_weights)
+            return self.graphed(train_batch, valid_batch)
         info = self.architect.step(valid_batch, train_batch, loss_weights, lr, self.weight_optimizer)
         loss, logits = self.weight_step(train_batch)
         return loss, logits, info
@@ -206,6 +222,8 @@ class Search:
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         self.arch_optimizer.load_state_dict(state["arch_optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if self.graphed is not None:
+            self.graphed.invalidate()  # the optimisers' states are new tensors
 
 
 def _train_epoch(

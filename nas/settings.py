@@ -38,6 +38,7 @@ RESUME_FREE = (
     "runtime.channels_last",
     "runtime.amp",
     "runtime.compile",
+    "runtime.cuda_graphs",
     "derive_targets",  # measured after the search; they do not change it
 )
 

@@ -169,7 +169,10 @@ class Supernet(nn.Module):
         return x.contiguous(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor, weights: ArchWeights) -> torch.Tensor:
-        with torch.autocast(x.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        # No cast cache: each weight is used once per forward, and a captured step (nas/graphs.py)
+        # must not keep casts made outside the graph.
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(x.device.type, self.autocast_dtype, enabled=enabled, cache_enabled=False):
             s0 = s1 = self.stem(self.prepare(x))
             for cell, level in zip(self.cells, self.space.level_of_cell):
                 s0, s1 = s1, cell(s0, s1, weights.ops[level], weights.edges[level])

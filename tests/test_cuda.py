@@ -273,3 +273,87 @@ def test_fast_path_keeps_the_float32_alpha_trajectory():
     assert last["alpha_moved"] > 0.05  # the architecture travelled
     assert last["max_alpha_diff"] < 0.5 * last["alpha_moved"], last
     assert abs(fast.metrics["supernet_acc"] - exact.metrics["supernet_acc"]) < 4.0, figures
+
+
+def _graph_searches(preset: str):
+    """Three copies of one search on CUDA: the default eager step, the static step run eagerly, and
+    the static step captured as a CUDA graph; with full batches (the graph's shape) to feed them."""
+    from nas.graphs import GraphedStep, StaticStep
+
+    config = _search_config(preset, 2, {"cuda_graphs": "true"}, model={"channels": 16, "cells": 8})
+    data = make_search_data(config.data).to("cuda")
+    searches = []
+    for kind in ("eager", "static", "graphed"):
+        search = Search.build(config, 32, data.num_classes, torch.device("cuda"))
+        if kind == "eager":
+            search.graphed = None
+        elif kind == "static":
+            search.graphed = GraphedStep(StaticStep(search), capture=False)
+        searches.append(search)
+    assert searches[2].graphed is not None and searches[2].graphed.capture
+    train = batches(data.train, 64, stream_generator(3, 1, 0), augment=True, cycle=True)
+    valid = batches(data.valid, 64, stream_generator(3, 1, 1), augment=True, cycle=True)
+    return config, searches, train, valid
+
+
+def _flat_state(search: Search) -> torch.Tensor:
+    tensors = [*search.supernet.parameters(), *search.arch.parameters()]
+    tensors += [b for b in search.supernet.buffers() if b.is_floating_point()]
+    return torch.cat([t.detach().flatten().double() for t in tensors])
+
+
+@pytest.mark.parametrize("preset", ["darts", "da2s", "multilevel"])
+def test_graphed_step_replays_the_static_step_for_50_steps(preset):
+    """The captured graph against the same step run eagerly, and against the default eager step
+    (torch.optim's arithmetic: round-off apart), over 50 steps with the learning rates and loss
+    weights changing in place on the way."""
+    import time
+
+    config, (eager, static, graphed), train, valid = _graph_searches(preset)
+    used = {name for name, term in config.loss.terms().items() if term.weight}
+    seconds = {"eager": 0.0, "static": 0.0, "graphed": 0.0}
+    for step in range(50):
+        lr = 0.025 * (1 - step / 100)
+        alpha_lr = 0.0 if step < 10 else 3e-3
+        weights = {name: (0.0 if step < 20 else 0.1 * (1 + step / 50)) * (name in used) for name in
+                   ("op_entropy", "edge_entropy", "edge_count")}  # fmt: skip
+        batch = next(train), next(valid)
+        for name, search in zip(seconds, (eager, static, graphed)):
+            search.weight_optimizer.param_groups[0]["lr"] = lr
+            search.arch_optimizer.param_groups[0]["lr"] = alpha_lr
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            search.step(*batch, weights, lr)
+            torch.cuda.synchronize()
+            if step >= 5:
+                seconds[name] += time.perf_counter() - started
+    assert graphed.graphed.captures == 1 and graphed.graphed.replays == 50
+    reference = _flat_state(static)
+    figures = {
+        "graphed_vs_static_rel": rel(_flat_state(graphed), reference),
+        "graphed_vs_static_bitwise": bool(torch.equal(_flat_state(graphed), reference)),
+        "static_vs_eager_rel": rel(reference, _flat_state(eager)),
+        "alpha_graphed_vs_eager_max_abs": max(
+            (a - b).abs().max().item() for a, b in zip(graphed.arch.alphas, eager.arch.alphas)
+        ),
+        "step_ms": {k: 1e3 * v / 45 for k, v in seconds.items()},
+        "speedup_graphed_vs_eager": seconds["eager"] / seconds["graphed"],
+    }
+    report(f"graphed_step_{preset}", figures)
+    assert figures["graphed_vs_static_rel"] < 1e-5, figures
+    assert figures["static_vs_eager_rel"] < 1e-4, figures
+
+
+def test_graphed_search_matches_the_eager_search():
+    """A whole search with runtime.cuda_graphs: true (its short last batches run eagerly, the graph
+    is checked before every step) against the same search eager: the same up to the round-off the
+    two step implementations differ by."""
+    data = cuda_data(subset=1000, eval_split="holdout", eval_subset=500)
+    graphed = run_search(_search_config("da2s", 3, {"cuda_graphs": "true"}, data=data))
+    eager = run_search(_search_config("da2s", 3, {}, data=data))
+    report("graphed_search", {
+        "drop": [graphed.metrics["drop"], eager.metrics["drop"]],
+        "train_loss_last": [graphed.history[-1]["train_loss"], eager.history[-1]["train_loss"]],
+    })  # fmt: skip
+    assert graphed.history[-1]["train_loss"] == pytest.approx(eager.history[-1]["train_loss"], rel=1e-3)
+    assert graphed.genotype == eager.genotype

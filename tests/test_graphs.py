@@ -1,0 +1,238 @@
+"""The search step written for CUDA graphs (nas/graphs.py), checked on the CPU: it follows the
+eager step, reads every changing value from its device tensors, and reads nothing to the host, so
+that a captured graph replays the step it was captured from. The capture itself is checked on a GPU
+(tests/test_cuda.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_search_config
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nas.config import ConfigError
+from nas.data import batches, make_search_data, stream_generator
+from nas.graphs import GraphedStep, StaticStep
+from nas.search import Search, run_search
+from nas.settings import SearchConfig
+
+# Ops whose result the host must wait for (a value read to Python, or an output whose shape depends
+# on the data): a CUDA graph cannot hold them.
+HOST_READS = {
+    "aten::_local_scalar_dense",  # .item(), float(t), bool(t), a tensor used as a Python number
+    "aten::nonzero",
+    "aten::nonzero_static",
+    "aten::masked_select",
+    "aten::unique_consecutive",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::repeat_interleave",
+    "aten::_assert_async",
+}
+
+
+class HostReads(TorchDispatchMode):
+    """Fails on any op of HOST_READS dispatched inside the block."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in HOST_READS:
+            raise AssertionError(f"{func._schema.name} reads a value to the host inside the step")
+        return func(*args, **(kwargs or {}))
+
+
+def _config(preset: str, **overrides) -> SearchConfig:
+    base = tiny_search_config(model={"channels": 4, "cells": 5, "nodes": 4})
+    flat = [f"{k}={v}" for k, v in overrides.items()]
+    return SearchConfig.resolve(preset=preset, file=base, overrides=flat)
+
+
+def _pair(config: SearchConfig):
+    """The same search twice: eager, and with the static step (run eagerly on the CPU)."""
+    data = make_search_data(config.data)
+    steps = -(-len(data.train) // config.batch_size)
+    eager = Search.build(config, steps, data.num_classes, torch.device("cpu"))
+    static = Search.build(config, steps, data.num_classes, torch.device("cpu"))
+    static.graphed = GraphedStep(StaticStep(static))
+    return data, eager, static
+
+
+def _state(search: Search) -> dict[str, torch.Tensor]:
+    state = {f"supernet.{k}": v for k, v in search.supernet.state_dict().items()}
+    state.update({f"arch.{k}": v for k, v in search.arch.state_dict().items()})
+    return state
+
+
+def _assert_same(a: Search, b: Search, what: str) -> None:
+    for (name, x), y in zip(_state(a).items(), _state(b).values()):
+        if x.is_floating_point():
+            torch.testing.assert_close(y, x, rtol=2e-4, atol=2e-6, msg=lambda m, name=name: f"{what}, {name}: {m}")
+        else:
+            assert torch.equal(x, y), f"{what}, {name}"
+
+
+@pytest.mark.parametrize("preset", ["darts", "da2s", "multilevel"])
+def test_static_step_follows_the_eager_step_and_the_values_written_into_its_tensors(preset):
+    config = _config(preset)
+    data, eager, static = _pair(config)
+    controls = static.graphed.controls
+    train = batches(data.train, config.batch_size, stream_generator(1, 1, 0), augment=True, cycle=True)
+    valid = batches(data.valid, config.batch_size, stream_generator(1, 1, 1), augment=True, cycle=True)
+    schedule = [
+        (0.025, 0.0, {"op_entropy": 0.0, "edge_entropy": 0.0, "edge_count": 0.0}),  # alpha in warm-up
+        (0.025, 0.0, {"op_entropy": 0.0, "edge_entropy": 0.0, "edge_count": 0.0}),
+        (0.011, 3e-3, {"op_entropy": 0.05, "edge_entropy": 0.3, "edge_count": 0.02}),
+        (0.004, 6e-3, {"op_entropy": 0.2, "edge_entropy": 0.1, "edge_count": 0.5}),
+    ]
+    pointers = [t.data_ptr() for t in (controls.lr, *controls.arch_lrs, *controls.loss_weights.values())]
+    changed = []
+    used = {name for name, term in config.loss.terms().items() if term.weight}  # as weights_at gives them
+    for number, (lr, alpha_lr, weights) in enumerate(schedule):
+        weights = {name: value if name in used else 0.0 for name, value in weights.items()}
+        train_batch, valid_batch = next(train), next(valid)
+        results = []
+        for search in (eager, static):
+            search.weight_optimizer.param_groups[0]["lr"] = lr
+            search.arch_optimizer.param_groups[0]["lr"] = alpha_lr
+            results.append(search.step(train_batch, valid_batch, weights, lr))
+        (loss_e, logits_e, info_e), (loss_s, logits_s, info_s) = results
+        torch.testing.assert_close(loss_s, loss_e, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(logits_s, logits_e, rtol=1e-4, atol=1e-5)
+        assert info_s.keys() == info_e.keys()
+        for key in info_e:
+            torch.testing.assert_close(info_s[key], info_e[key], rtol=1e-4, atol=1e-6)
+        _assert_same(eager, static, f"{preset}, after step {number + 1}")
+        changed.append(static.arch.alphas[0].detach().clone())
+    # The step read the new values from the same tensors, written in place.
+    assert pointers == [t.data_ptr() for t in (controls.lr, *controls.arch_lrs, *controls.loss_weights.values())]
+    assert controls.lr.item() == pytest.approx(0.004)
+    # alpha did not move in warm-up (its rate 0) and moved after: the rate was read, not baked in.
+    assert torch.equal(changed[0], changed[1])
+    assert not torch.equal(changed[1], changed[2])
+
+
+def test_a_loss_weight_written_in_place_changes_the_next_step():
+    """Two calls of the same step function, the edge-count weight changed in place in between: the
+    second call gives the eager result for the new weight, not for the one the step first saw."""
+    config = _config("da2s")
+    data, eager, static = _pair(config)
+    train = batches(data.train, config.batch_size, stream_generator(1, 1, 0), augment=True, cycle=True)
+    valid = batches(data.valid, config.batch_size, stream_generator(1, 1, 1), augment=True, cycle=True)
+    rates = [3e-3, 0.05]  # alpha's, beta's
+    for search in (eager, static):
+        for group, rate in zip(search.arch_optimizer.param_groups, rates):
+            group["lr"] = rate
+    step = static.graphed
+    first = {"op_entropy": 0.1, "edge_entropy": 0.4, "edge_count": 0.08}
+    step.controls.set(0.025, rates, first)
+    batch = next(train), next(valid)
+    eager.step(*batch, first, 0.025)
+    step(*batch)
+    weight = step.controls.loss_weights["edge_count"]
+    weight.fill_(5.0)  # in place, as StepControls.set writes
+    batch = next(train), next(valid)
+    eager.step(*batch, {**first, "edge_count": 5.0}, 0.025)
+    step(*batch)
+    _assert_same(eager, static, "after the weight changed")
+    beta_before = [b.detach().clone() for b in static.arch.betas]
+    # and the eager result for the old weight is not what it gave
+    old = Search.build(config, 6, data.num_classes, torch.device("cpu"))
+    for group, rate in zip(old.arch_optimizer.param_groups, rates):
+        group["lr"] = rate
+    train = batches(data.train, config.batch_size, stream_generator(1, 1, 0), augment=True, cycle=True)
+    valid = batches(data.valid, config.batch_size, stream_generator(1, 1, 1), augment=True, cycle=True)
+    for _ in range(2):
+        old.step(next(train), next(valid), first, 0.025)
+    assert max((a - b).abs().max().item() for a, b in zip(old.arch.betas, beta_before)) > 1e-3
+
+
+@pytest.mark.parametrize(("preset", "cuda_layout"), [("da2s", False), ("multilevel", False), ("da2s", True)])
+def test_static_step_reads_nothing_to_the_host(preset, cuda_layout, monkeypatch):
+    """Also with the settings a CUDA search runs (contiguous tensors, the PyTorch form of the fused
+    mixture instead of the CPU's C kernels)."""
+    if cuda_layout:
+        monkeypatch.setattr("nas.mixture.enabled", False)
+        monkeypatch.setattr("nas.depthwise.enabled", False)
+    config = _config(preset, **({"runtime.channels_last": "false"} if cuda_layout else {}))
+    data, eager, static = _pair(config)
+    train = batches(data.train, config.batch_size, stream_generator(1, 1, 0), augment=True, cycle=True)
+    valid = batches(data.valid, config.batch_size, stream_generator(1, 1, 1), augment=True, cycle=True)
+    weights = config.loss.weights_at(config.epochs, config.epochs)
+    static.graphed.controls.set(0.025, [3e-3, 3e-3], weights)
+    # batches are drawn outside: their indexing is not part of the captured step
+    pairs = [(next(train), next(valid)) for _ in range(2)]
+    with HostReads():
+        for train_batch, valid_batch in pairs:  # the first creates the optimisers' state
+            static.graphed(train_batch, valid_batch)
+    # The detector is not blind: torch.optim.Adam (not capturable) reads its step count to the host.
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), HostReads():
+        eager.step(*pairs[0], weights, 0.025)
+
+
+def test_an_epoch_with_the_static_step_matches_the_eager_epoch():
+    """Search.epoch sets the cosine learning rate, alpha's warm-up rate and the scheduled loss
+    weights every epoch; the static step gets them through its tensors (and runs the short last
+    batch of the pass as well)."""
+    config = _config("da2s", epochs=3, batch_size=40, **{"alpha.warmup": 0.4})
+    data, eager, static = _pair(config)
+    assert len(data.train) % config.batch_size != 0  # a short last batch
+    for epoch in (1, 2, 3):
+        record_e, _ = eager.epoch(data, epoch)
+        record_s, _ = static.epoch(data, epoch)
+        assert record_s["alpha_lr"] == record_e["alpha_lr"]
+        for key in ("train_loss", "arch_ce", "valid_loss"):
+            assert record_s[key] == pytest.approx(record_e[key], rel=1e-4), key
+        _assert_same(eager, static, f"epoch {epoch}")
+    assert record_e["alpha_lr"] > 0.0  # the last epoch is past the warm-up
+
+
+def test_cuda_graphs_setting_is_checked():
+    base = tiny_search_config()
+    with pytest.raises(ConfigError, match=r"runtime\.cuda_graphs.*'auto', 'true', 'false'"):
+        SearchConfig.resolve(file=base, overrides=["runtime.cuda_graphs=sometimes"])
+    config = SearchConfig.resolve(file=base, overrides=["runtime.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match=r"runtime\.cuda_graphs.*needs a CUDA device"):
+        run_search(config)
+    cpu = torch.device("cpu")
+    assert (
+        SearchConfig.resolve(file=base, overrides=["runtime.cuda_graphs=auto"]).runtime.graphed_step(cpu, "first")
+        is False
+    )
+    both = SearchConfig.resolve(file=base, overrides=["runtime.cuda_graphs=true", "runtime.compile=true"])
+    with pytest.raises(ConfigError, match=r"runtime\.cuda_graphs"):
+        both.runtime.graphed_step(torch.device("cuda"), "first")
+    assert SearchConfig.resolve(file=base).runtime.cuda_graphs == "false"
+
+
+def test_static_step_refuses_second_order():
+    config = _config("darts", order="second")
+    data = make_search_data(config.data)
+    search = Search.build(config, 6, data.num_classes, torch.device("cpu"))
+    with pytest.raises(ValueError, match="first order"):
+        StaticStep(search)
+
+
+def test_layout_gradient_difference_is_measured_on_the_network_itself():
+    """The check that guards channels-last on CUDA, run on the CPU: the two layouts agree there
+    (oneDNN), and a network whose gradients depend on the layout is caught."""
+    from nas.genotype import resolve_genotype
+    from nas.network import EvalNetwork
+    from nas.runtime import LAYOUT_TOLERANCE, layout_gradient_difference
+
+    net = EvalNetwork(resolve_genotype("darts_v2"), channels=8, layers=5, auxiliary=True)
+    net.drop_path_prob = 0.2  # random, the same draws in both layouts
+    same = layout_gradient_difference(net, lambda n, x: n(x)[0], (3, 32, 32), torch.device("cpu"))
+    assert same < 1e-5
+
+    class LayoutDependent(torch.nn.Module):  # scales its output by whether its input is channels-last
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            out = self.conv(x)
+            return out * (2.0 if x.is_contiguous(memory_format=torch.channels_last) else 1.0)
+
+    wrong = layout_gradient_difference(LayoutDependent(), lambda n, x: n(x), (3, 8, 8), torch.device("cpu"))
+    assert wrong > LAYOUT_TOLERANCE
