@@ -144,7 +144,7 @@ def run_launcher_commands(tmp_path: Path, stages: list) -> tuple[dict, list[str]
     home.mkdir()
     shims.mkdir()
     (home / "da2s-nas").mkdir()  # the checkout, as file_mounts puts it
-    for name in ("ray", "pip", "aws", "nvidia-smi", "sudo", "apt-get"):
+    for name in ("ray", "pip", "aws", "nvidia-smi", "nvidia-cuda-mps-control", "sudo", "apt-get"):
         (shims / name).write_text(SHIM)
     (shims / "python").write_text(PYTHON_SHIM)
     (shims / "python3").write_text(PYTHON3_SHIM)
@@ -193,6 +193,7 @@ def test_setup_and_start_commands_run_under_rays_login_shell(cluster, tmp_path):
         "ray[default]==2.60.0 boto3>=1.4.8"
     ) in calls
     assert any(c.startswith("nvidia-smi") for c in calls)  # the workers check their GPU
+    assert "nvidia-cuda-mps-control -d" in calls  # and start MPS for trials sharing it
     home = tmp_path / "home"
     bashrc = (home / ".bashrc").read_text()
     assert "source ~/venv/bin/activate" in bashrc and "NAS_DATA_ROOT=$HOME/data" in bashrc
