@@ -280,7 +280,7 @@ def _graph_searches(preset: str):
     the static step captured as a CUDA graph; with full batches (the graph's shape) to feed them."""
     from nas.graphs import GraphedStep, StaticStep
 
-    config = _search_config(preset, 2, {"cuda_graphs": "true"}, model={"channels": 16, "cells": 8})
+    config = _search_config(preset, 2, {"cuda_graphs": "true"}, model={"channels": 8, "cells": 5})
     data = make_search_data(config.data).to("cuda")
     searches = []
     for kind in ("eager", "static", "graphed"):
