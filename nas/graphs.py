@@ -15,8 +15,9 @@ replayed: one launch per step. What that takes, and what this module does:
   tensors (the same state, so checkpoints and eager resumption see no difference): the same
   formulas as torch.optim.SGD (momentum, weight decay) and torch.optim.Adam (L2 weight decay,
   bias corrections), with the learning rates and Adam's step counts as device tensors.
-  torch.optim.SGD reads a tensor learning rate to the host, and torch.optim.Adam captures only on
-  CUDA (`capturable=True`), where the absence of host reads could not be checked on the CPU.
+  torch.optim.SGD reads a tensor learning rate to the host, and torch.optim.Adam is capturable
+  (`capturable=True`) only on accelerators, so the absence of host reads could not be checked on
+  the CPU.
 - Gradient clipping as torch.nn.utils.clip_grad_norm_ computes it, the scale a device tensor.
 - Batches are copied into static input buffers; a batch of another shape (the short last batch of
   a pass) runs the same step eagerly.
