@@ -63,7 +63,8 @@ from .statistics import correlation_p, difference, spearman
 
 BLOCK = re.compile(r"<!-- generated: (?P<spec>[^\n]+?) -->\n(?P<body>.*?)<!-- end generated -->", re.S)
 LABELS = {SUPERNET_ACC: "supernet", DISCRETIZED_ACC: "discretized", DROP: "drop", DROP_BN_RECAL: "drop BN recal",
-          KEPT_EDGE_SHARE: "kept edge share", MAX_OP_WEIGHT: "max op weight"}  # fmt: skip
+          KEPT_EDGE_SHARE: "kept edge share", MAX_OP_WEIGHT: "max op weight",
+          "cifar10_test_error": "retrained test error"}  # fmt: skip
 
 
 class Pages:
