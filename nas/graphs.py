@@ -272,19 +272,22 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             # The warm-up steps trained: put back what they changed, in place (the graph will
             # read these very tensors).
-            with torch.no_grad():
-                for t, s in zip(state, saved):
-                    t.copy_(s)
+            _restore(state, saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 outputs = step(inputs[:2], inputs[2:])
         except Exception as err:
-            with torch.no_grad():
-                for t, s in zip(state, saved):
-                    t.copy_(s)
+            _restore(state, saved)
             self.failed = True
             log.warning("runtime.cuda_graphs: capturing the search step failed (%s); the search runs eagerly", err)
             return
         self.graph, self._inputs, self._outputs = graph, inputs, outputs
         self._pointers = self._state_pointers()
         self.captures += 1
+
+
+def _restore(tensors: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    """Copies `saved` back into `tensors`, in place."""
+    with torch.no_grad():
+        for tensor, value in zip(tensors, saved):
+            tensor.copy_(value)

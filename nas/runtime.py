@@ -128,7 +128,7 @@ def layout_gradient_difference(
     device: torch.device,
     batch: int = 2,
 ) -> float:
-    """||g_cl - g| / ||g|| over the parameters' gradients of copies of `model` on `device` in the
+    """||g_cl - g|| / ||g|| over the parameters' gradients of copies of `model` on `device` in the
     channels-last and the contiguous layout, on one random batch, in IEEE float32 (no TF32), with
     the global random state restored afterwards. On an H200 (PyTorch 2.11) cuDNN gave the fused
     search's gradients 49 % off in channels-last (docs/gpu.md); this measures the network at hand on
