@@ -124,6 +124,8 @@ class Search:
         # Wall time per phase; each phase ends by reading a value from the device, so on a GPU
         # the times are those of the work itself, not of queueing it.
         clock = PhaseClock()
+        if self.graphed is not None:
+            self.graphed.check_state()
         stats = _train_epoch(self, data, epoch, lr, loss_weights, progress)
         clock.lap("train")
         with torch.no_grad():

@@ -226,6 +226,28 @@ def test_an_epoch_with_the_static_step_matches_the_eager_epoch():
     assert record_e["alpha_lr"] > 0.0  # the last epoch is past the warm-up
 
 
+def test_a_graph_is_dropped_when_a_tensor_it_reads_was_replaced(monkeypatch):
+    """The state's addresses are compared once per epoch, not per step; a replaced optimiser
+    state drops the graph, an unchanged state keeps it."""
+    config = _config("da2s", epochs=2)
+    data, _, static = _pair(config)
+    graphed = static.graphed
+    graphed.step.ensure_state()
+    checks = []
+    check = graphed.check_state
+    monkeypatch.setattr(graphed, "check_state", lambda: (checks.append(1), check()))
+    static.epoch(data, 1)
+    assert len(checks) == 1  # once for the epoch's many steps
+    captured = object()  # stands for a captured graph (none is captured on the CPU)
+    graphed.graph, graphed._pointers = captured, graphed._state_pointers()
+    graphed.check_state()
+    assert graphed.graph is captured
+    moments = next(iter(static.arch_optimizer.state.values()))
+    moments["exp_avg"] = moments["exp_avg"].clone()
+    graphed.check_state()
+    assert graphed.graph is None
+
+
 def test_cuda_graphs_setting_is_checked():
     base = tiny_search_config()
     with pytest.raises(ConfigError, match=r"runtime\.cuda_graphs.*'auto', 'true', 'false'"):
