@@ -9,7 +9,7 @@ import pytest
 
 from tuning.pages import retrained_text
 from tuning.report import TrialRecord, plot_drop_vs_error
-from tuning.statistics import correlation_p, difference, spearman
+from tuning.statistics import correlation_interval, correlation_p, difference, spearman
 
 
 def test_spearman_by_hand():
@@ -29,6 +29,16 @@ def test_correlation_p_by_counting_orderings():
     assert correlation_p([1, 2, 3, 4], [5, 1, 9, 7]) == pytest.approx(10 / 24)
     # n = 9 is sampled: a perfect ranking is rare among random orderings
     assert correlation_p(list(range(9)), list(range(9))) < 0.01
+
+
+def test_correlation_interval_by_hand():
+    # rho = 0.5, n = 12: z = atanh(0.5) = 0.549306, se = sqrt(1.125 / 9) = 0.353553,
+    # z +- 1.959964 se = (-0.143643, 1.242255) -> tanh: (-0.142665, 0.846098)
+    low, high = correlation_interval(0.5, 12)
+    assert low == pytest.approx(-0.142665, abs=1e-5) and high == pytest.approx(0.846098, abs=1e-5)
+    low, high = correlation_interval(-0.5, 12)  # symmetric in the sign of rho
+    assert low == pytest.approx(-0.846098, abs=1e-5) and high == pytest.approx(0.142665, abs=1e-5)
+    assert all(math.isnan(v) for v in correlation_interval(0.5, 3) + correlation_interval(1.0, 10))
 
 
 def test_difference_of_means_interval_and_permutation_p_by_hand():
@@ -67,7 +77,8 @@ def test_drop_vs_retrained_accuracy_table_and_plot(tmp_path):
     assert rows[0].endswith("| 31.00 | 15.50 | 53.00 | 51.00 | 52.00 |")
     # drops 31, 30, 2, 10 against mean accuracies 52, 55, 59, 59: ranks 4 3 1 2 vs 1 2 3.5 3.5
     expected = spearman([31, 30, 2, 10], [52, 55, 59, 59])
-    assert f"- drop: ρ = {expected:.2f}, p = " in text and "(n = 4)" in text
+    low, high = correlation_interval(expected, 4)
+    assert f"- drop: ρ = {expected:.2f} [{low:.2f}, {high:.2f}], p = " in text and "(n = 4)" in text
     # training noise: stds of (53, 51), (55, 55), (60, 58), (58, 60) -> mean of sqrt(2), 0, sqrt(2), sqrt(2)
     assert f"{3 * math.sqrt(2) / 4:.2f} on average" in text
     path = plot_drop_vs_error(trials, tmp_path / "d.png")

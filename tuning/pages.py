@@ -31,6 +31,7 @@ state a number its data does not back. Views:
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import statistics
@@ -59,7 +60,7 @@ from .report import (
     table4,
     trial_records,
 )
-from .statistics import correlation_p, difference, spearman
+from .statistics import correlation_interval, correlation_p, difference, spearman
 
 BLOCK = re.compile(r"<!-- generated: (?P<spec>[^\n]+?) -->\n(?P<body>.*?)<!-- end generated -->", re.S)
 LABELS = {SUPERNET_ACC: "supernet", DISCRETIZED_ACC: "discretized", DROP: "drop", DROP_BN_RECAL: "drop BN recal",
@@ -223,12 +224,15 @@ def retrained_text(trials: list[TrialRecord], dataset: str = "cifar10") -> str:
                      + " | ".join(f"{a:.2f}" for a in accs) + f" | {statistics.fmean(accs):.2f} |")  # fmt: skip
     accuracy = [100 - t.metrics[f"{dataset}_test_error"] for t in found]
     lines += ["", f"Rank correlation with the mean retrained test accuracy over the {len(found)} architectures "
-              "(Spearman's ρ, two-sided permutation p):", ""]  # fmt: skip
+              "(Spearman's ρ, its approximate 95 % interval, two-sided permutation p):", ""]  # fmt: skip
     for metric in (DROP, DROP_BN_RECAL, SUPERNET_ACC, DISCRETIZED_ACC):
         pairs = [(t.metrics[metric], a) for t, a in zip(found, accuracy) if metric in t.metrics]
         xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+        rho = spearman(xs, ys)
+        low, high = correlation_interval(rho, len(pairs))
+        interval = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
         lines.append(
-            f"- {LABELS[metric]}: ρ = {_number(spearman(xs, ys))}, p = {_p(correlation_p(xs, ys))} (n = {len(pairs)})"
+            f"- {LABELS[metric]}: ρ = {_number(rho)}{interval}, p = {_p(correlation_p(xs, ys))} (n = {len(pairs)})"
         )
     noise = [
         statistics.stdev(100 - e for e in t.retrained[dataset]) for t in found if len(t.retrained.get(dataset, [])) > 1

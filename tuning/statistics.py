@@ -1,5 +1,5 @@
-"""The statistics the reports state beside their numbers: rank correlation with a permutation p-value,
-and differences of means with an interval and a permutation p-value.
+"""The statistics the reports state beside their numbers: rank correlation with a permutation p-value
+and an approximate 95 % interval, and differences of means with an interval and a permutation p-value.
 
 Studies here have few seeds (n = 3 per cell is typical), so the tests are exact where they can be:
 a permutation test enumerates every relabelling when there are at most EXACT_LIMIT of them, and
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 EXACT_LIMIT = 50_000
 ROUNDS = 20_000
+Z975 = statistics.NormalDist().inv_cdf(0.975)
 
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -62,6 +63,17 @@ def correlation_p(xs: Sequence[float], ys: Sequence[float], seed: int = 0) -> fl
         rng.shuffle(ys)
         hits += abs(spearman(xs, ys)) >= target
     return (hits + 1) / (ROUNDS + 1)
+
+
+def correlation_interval(rho: float, n: int) -> tuple[float, float]:
+    """Approximate 95 % interval of Spearman's ρ from n pairs: Fisher's z = atanh(ρ) with the
+    standard error sqrt((1 + ρ²/2) / (n - 3)) of Bonett and Wright (2000, Psychometrika 65:23-28);
+    (nan, nan) below 4 pairs or at |ρ| = 1. It says which correlations the data leave open, where
+    the p-value says only whether 0 is among them."""
+    if n < 4 or math.isnan(rho) or abs(rho) >= 1.0:
+        return math.nan, math.nan
+    z, se = math.atanh(rho), math.sqrt((1 + rho * rho / 2) / (n - 3))
+    return math.tanh(z - Z975 * se), math.tanh(z + Z975 * se)
 
 
 @dataclass(frozen=True)
