@@ -128,6 +128,7 @@ def run_evaluation(
         model.parameters(), config.peak_lr(), momentum=config.momentum, weight_decay=config.weight_decay
     )
     history, start = _resume(run_dir, resume, model, optimizer, config, group)
+    earlier = sum(record.get(m.SECONDS, 0.0) for record in history)  # the epochs run before a resume
     net = _replicated(model, device, group)
     for epoch in range(start, config.epochs + 1):
         record = _epoch(model, net, optimizer, data, config, epoch, group, progress)
@@ -153,7 +154,7 @@ def run_evaluation(
         m.PARAMS: float(info["params"]),
         m.MACS: float(info["macs"]),
     }
-    info["seconds"] = time.perf_counter() - started
+    info["seconds"] = earlier + time.perf_counter() - started
     result = EvalResult(config, history, metrics, info, out)
     run_dir.write_result(result.to_dict())
     return result

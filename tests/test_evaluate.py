@@ -146,6 +146,8 @@ def test_resume_equals_no_stop(tmp_path):
         return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
     assert timeless(resumed.history) == timeless(straight.history)
+    # the training's time counts the epoch run before the stop as well
+    assert resumed.info["seconds"] >= sum(h["seconds"] for h in resumed.history)
     assert json.loads((tmp_path / "b" / "result.json").read_text())["metrics"] == straight.metrics
 
 
