@@ -76,6 +76,7 @@ def stop_server(server: subprocess.Popen) -> None:
         os.killpg(server.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_mlflow_server_gone_for_a_while_loses_no_metric(tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -112,6 +113,7 @@ def test_mlflow_server_gone_for_a_while_loses_no_metric(tmp_path):
             driver.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trials", [8])
 def test_eight_trials_logging_at_once_lose_nothing(tmp_path, trials):
     search = tiny_search_config(epochs=2)

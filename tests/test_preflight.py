@@ -106,6 +106,7 @@ def test_trials_see_only_the_accelerators_they_reserved(monkeypatch):
     claim_accelerators(0.5, "cpu")  # on purpose: allowed
 
 
+@pytest.mark.slow
 def test_stale_ray_address_file(tmp_path):
     """A cluster recorded in Ray's temp folder that is gone (stopped uncleanly): `--address auto`
     fails within a minute naming --address; without --address the sweep starts its own Ray (shown

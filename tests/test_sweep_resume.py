@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from conftest import descendants, processes_named, tiny_sweep_config
 from mlflow.tracking import MlflowClient
@@ -52,6 +53,7 @@ def run_until(command: list[str], db: Path, finished: int, env: dict, cwd: Path)
     return driver
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_repeating_trials(tmp_path):
     # A wide integer range: a sampler restarted from scratch would propose the same seeds again.
     seeds = {"type": "int", "low": 0, "high": 1_000_000}

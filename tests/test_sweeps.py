@@ -62,6 +62,7 @@ def e2e_sweep(tmp_path_factory, local_ray):
     return run_sweep(sweep, base_dir=tmp_path), tmp_path
 
 
+@pytest.mark.slow
 def test_sweep_logs_parent_trials_metrics_and_artifacts(e2e_sweep):
     outcome, tmp_path = e2e_sweep
 
@@ -320,6 +321,7 @@ def test_printed_link_opens_the_trials_table(e2e_sweep, tmp_path):
             ui.wait()
 
 
+@pytest.mark.slow
 def test_trial_killed_between_its_metrics_and_its_checkpoint_logs_every_epoch_once(tmp_path, local_ray, monkeypatch):
     """The trial's process SIGKILLed at the worst moment: its 2nd epoch's metrics in MLflow, its 2nd
     checkpoint not yet with Ray. Ray retries it from its 1st epoch's checkpoint; the 2nd epoch is
@@ -358,6 +360,7 @@ def test_trial_killed_between_its_metrics_and_its_checkpoint_logs_every_epoch_on
     assert trial.metrics["discretized_acc"] == pytest.approx(straight.metrics["discretized_acc"])
 
 
+@pytest.mark.slow
 def test_multi_objective_sweep_with_asha_and_its_report(tmp_path, local_ray):
     import optuna
     from optuna.storages import JournalStorage

@@ -106,6 +106,7 @@ def home(tmp_path, monkeypatch):
     return env
 
 
+@pytest.mark.slow
 def test_the_server_refuses_an_anonymous_write_and_takes_a_trials(tmp_path, home):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
