@@ -179,8 +179,7 @@ def correlation_text(trials: list[TrialRecord], method: str, x: str, y: str) -> 
     for label, keep in (("every target", lambda t: True), ("per-cell targets", lambda t: " of " in t.target)):
         pairs = [(t.metrics[x], t.metrics[y]) for t in trials
                  if t.method == method and keep(t) and x in t.metrics and y in t.metrics]  # fmt: skip
-        xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-        parts.append(f"{label}: ρ = {_number(spearman(xs, ys))}, p = {_p(correlation_p(xs, ys))} (n = {len(pairs)})")
+        parts.append(f"{label}: {_correlation(pairs)}")
     return (
         f"{method}, Spearman's ρ of {LABELS.get(x, x)} with {LABELS.get(y, y)} (two-sided permutation p): "
         + "; ".join(parts)
@@ -227,13 +226,7 @@ def retrained_text(trials: list[TrialRecord], dataset: str = "cifar10") -> str:
               "(Spearman's ρ, its approximate 95 % interval, two-sided permutation p):", ""]  # fmt: skip
     for metric in (DROP, DROP_BN_RECAL, SUPERNET_ACC, DISCRETIZED_ACC):
         pairs = [(t.metrics[metric], a) for t, a in zip(found, accuracy) if metric in t.metrics]
-        xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-        rho = spearman(xs, ys)
-        low, high = correlation_interval(rho, len(pairs))
-        interval = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
-        lines.append(
-            f"- {LABELS[metric]}: ρ = {_number(rho)}{interval}, p = {_p(correlation_p(xs, ys))} (n = {len(pairs)})"
-        )
+        lines.append(f"- {LABELS[metric]}: {_correlation(pairs, interval=True)}")
     noise = [
         statistics.stdev(100 - e for e in t.retrained[dataset]) for t in found if len(t.retrained.get(dataset, [])) > 1
     ]
@@ -242,6 +235,15 @@ def retrained_text(trials: list[TrialRecord], dataset: str = "cifar10") -> str:
                   f"{statistics.fmean(noise):.2f} on average (range {min(noise):.2f}-{max(noise):.2f}); the std of the "
                   f"mean accuracies across the architectures is {statistics.stdev(accuracy):.2f}."]  # fmt: skip
     return "\n".join(lines)
+
+
+def _correlation(pairs: list[tuple[float, float]], interval: bool = False) -> str:
+    """Spearman's ρ of the pairs (with its approximate 95 % interval if asked), its permutation p, n."""
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    rho = spearman(xs, ys)
+    low, high = correlation_interval(rho, len(pairs)) if interval else (math.nan, math.nan)
+    shown = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
+    return f"ρ = {_number(rho)}{shown}, p = {_p(correlation_p(xs, ys))} (n = {len(pairs)})"
 
 
 def _p(value: float) -> str:
